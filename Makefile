@@ -1,0 +1,23 @@
+# Set-up and checks. `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3
+# Where torch is missing, install this build first: on the project's machines
+# it is the CPU build on local disk. GPU users install their CUDA torch before.
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo test bench
+
+install:
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH)"
+	$(PYTHON) -m pip install --quiet -e ".[test]"
+
+demo: install
+	nai-fast buckets
+
+# The tests, then every benchmark once on small sizes so the suites never rot.
+test: install
+	$(PYTHON) -m pytest tests
+	$(PYTHON) -m pytest benchmarks --benchmark-disable
+
+# Full-size benchmarks, nai_fast and its baselines side by side.
+bench: install
+	$(PYTHON) -m pytest benchmarks
