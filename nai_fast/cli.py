@@ -77,8 +77,8 @@ def _run_buckets(args: argparse.Namespace) -> int:
     )
     figures = {"source": source, "preset": args.preset, **figures}
     if found is not None:
-        figures["unreadable"] = {reason: len(paths) for reason, paths in sorted(found.skipped.items()) if paths}
-        figures["files"] = len(found.paths) + sum(figures["unreadable"].values())
+        figures["unreadable"] = found.skipped_counts()
+        figures["files"] = found.num_files
     if args.plot:
         plot(figures, args.plot)
     if args.json:

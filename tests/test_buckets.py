@@ -1,6 +1,7 @@
 """Bucket list, assignment and epoch plans (nai_fast.buckets)."""
 
 import itertools
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -144,6 +145,19 @@ def test_assign_rejects_bad_sizes():
     with pytest.raises(ValueError, match="metric"):
         assign(np.array([[512, 512]]), buckets, metric="cosine")
     assert assign(np.zeros((0, 2), dtype=np.int64), buckets).shape == (0,)
+
+
+def test_assign_memory_stays_flat_for_ten_million_images():
+    sizes = np.random.default_rng(0).integers(1, 4000, size=(10_000_000, 2), dtype=np.int32)
+    tracemalloc.start()
+    try:
+        ids = assign(sizes, make_buckets(), max_aspect_error=0.5)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    outputs = 2 * len(sizes) * 8  # int64 ids and float64 errors
+    assert peak < outputs + 32 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+    assert ids.shape == (10_000_000,) and ids.min() == -1 and ids.max() == len(make_buckets()) - 1
 
 
 def test_crop_fraction_is_the_removed_share_of_the_area():

@@ -1,0 +1,67 @@
+"""The `nai-fast` command line and the package's import weight."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from nai_fast.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    return code, capsys.readouterr().out
+
+
+def test_buckets_on_the_builtin_sample(capsys):
+    code, out = run(capsys, "buckets")
+    assert code == 0
+    assert "built-in sample" in out and "512x512" in out and "batches per epoch" in out
+    assert "catch-all batches" in out
+
+
+def test_buckets_json_accounts_for_every_image(capsys):
+    code, out = run(capsys, "buckets", "--json", "--batch-size", "8", "--world-size", "4")
+    figures = json.loads(out)
+    assert code == 0
+    assert figures["assigned"] + figures["pruned_aspect"] == figures["images"] == 20000
+    assert sum(row["images"] for row in figures["buckets"]) == figures["assigned"]
+    assert figures["batches_per_epoch"] == figures["assigned"] // 32
+    assert figures["catchall_mean_crop"] < figures["catchall_mean_crop_square"]
+
+
+def test_buckets_on_a_folder_with_a_plot(tmp_path, capsys):
+    for index, size in enumerate([(512, 768), (768, 512), (600, 600), (100, 2000)]):
+        Image.new("RGB", size, "white").save(tmp_path / f"{index}.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG but not really")
+    chart = tmp_path / "chart.png"
+    code, out = run(capsys, "buckets", str(tmp_path), "--batch-size", "1", "--json", "--plot", str(chart))
+    figures = json.loads(out)
+    assert code == 0
+    assert figures["files"] == 5 and figures["unreadable"] == {"not_image": 1}
+    assert figures["assigned"] == 3 and figures["pruned_aspect"] == 1  # 1:20 is too far from 1:4
+    with Image.open(chart) as image:
+        assert image.size[0] > 300
+
+
+def test_missing_folder_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["buckets", str(tmp_path / "nowhere")])
+    assert exit_info.value.code == 2
+    assert "not a directory" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    out = subprocess.run(["nai-fast", "--version"], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("nai_fast ")
+
+
+def test_importing_the_package_stays_light():
+    code = (
+        "import sys, nai_fast, nai_fast.buckets, nai_fast.report, nai_fast.sample, nai_fast.prompts;"
+        "heavy = {'torch', 'diffusers', 'transformers', 'PIL', 'matplotlib'} & set(sys.modules);"
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
