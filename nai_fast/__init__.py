@@ -5,4 +5,22 @@ The package root stays light: submodules are imported where they are used
 diffusers or transformers.
 """
 
+import importlib
+
 __version__ = "0.1.0"
+
+# Public names importable from the package root, each from the room that owns it.
+_EXPORTS = {
+    "patch_pipeline": "nai_fast.pipeline",
+    "unpatch_pipeline": "nai_fast.pipeline",
+    "LongPromptEncoder": "nai_fast.text",
+    "load_tokenizer": "nai_fast.tokenizer",
+}
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    """Import a public name's room on first use, so ``import nai_fast`` stays light."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'nai_fast' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -1,0 +1,224 @@
+"""Long-prompt CLIP conditioning: the penultimate layer, 75-token chunks, emphasis.
+
+:class:`LongPromptEncoder` turns prompts and negative prompts into the
+cross-attention context of a Stable Diffusion 1.x U-Net the way NovelAI and
+the web UI do, in one pass:
+
+    text -> weighted runs (emphasis syntax, BREAK) -> chunks of 75 tokens
+         -> every chunk of every prompt and negative prompt in ONE encoder call,
+            running only the layers up to the chosen one
+         -> final layer norm, emphasis, per-chunk mean restore and
+            concatenation in one fused op (:func:`nai_fast.kernels.chunk_concat`)
+
+Prompt and negative prompt come back with the same number of chunks, so
+classifier-free guidance needs one U-Net call per step.
+
+``clip_skip`` counts like the web UI: 1 is the last layer, 2 NovelAI's
+penultimate layer. diffusers counts layers skipped: its ``clip_skip`` is ours
+minus one.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from .kernels import chunk_concat
+from .prompts import CHUNK_SIZE, Chunks, kept_positions, make_chunks, parse, tokenize_runs
+from .tokenizer import load_tokenizer
+
+__all__ = ["EMPHASIS_MODES", "LongPromptEncoder", "load_tokenizer"]
+
+EMPHASIS_MODES = ("original", "no_norm", "ignore")
+# The web UI moves a cut tag to the next chunk in its own syntax; NovelAI does not.
+_DEFAULT_COMMA_BACKTRACK = {"a1111": 20, "nai": 0, "none": 0}
+
+
+class LongPromptEncoder:
+    """Encode long, weighted prompts with a CLIP text encoder.
+
+    Args:
+        tokenizer: the CLIP tokenizer (see :func:`load_tokenizer`).
+        text_encoder: a transformers ``CLIPTextModel``.
+        clip_skip: 1 = last layer, 2 = penultimate (NovelAI), ...; the chosen
+            layer's output goes through the encoder's final layer norm.
+        max_chunks: chunks of 75 tokens per prompt (3 = 225 tokens); ``None``
+            for no limit. Longer prompts are cut with a warning quoting the cut.
+        syntax: emphasis syntax, ``"a1111"``, ``"nai"`` or ``"none"``.
+        emphasis: ``"original"`` multiplies each token's vector by its weight,
+            then restores the chunk's mean (the web UI's default, per chunk
+            here where the web UI takes the mean over the whole batch);
+            ``"no_norm"`` only multiplies; ``"ignore"`` parses but applies
+            no weight.
+        comma_backtrack: when a chunk fills, words after a comma this close to
+            its end move to the next chunk; ``None`` is the syntax's default
+            (20 for a1111, 0 otherwise).
+        layout: ``"a1111"`` keeps every chunk's BOS and EOS (77 per chunk, what
+            existing models and files expect); ``"compact"`` keeps only the
+            first BOS and the last EOS (75 per chunk + 2).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        text_encoder: nn.Module,
+        clip_skip: int = 2,
+        max_chunks: int | None = 3,
+        syntax: str = "a1111",
+        emphasis: str = "original",
+        comma_backtrack: int | None = None,
+        layout: str = "a1111",
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self._transformer = getattr(text_encoder, "text_model", text_encoder)  # transformers 4 nests it
+        _check_clip_skip(clip_skip, len(self._transformer.encoder.layers))
+        if syntax not in _DEFAULT_COMMA_BACKTRACK:
+            raise ValueError(f"unknown prompt syntax {syntax!r}; choose one of {sorted(_DEFAULT_COMMA_BACKTRACK)}")
+        if emphasis not in EMPHASIS_MODES:
+            raise ValueError(f"unknown emphasis mode {emphasis!r}; choose one of {EMPHASIS_MODES}")
+        kept_positions(1, layout)  # validates the layout name
+        self.clip_skip = clip_skip
+        self.max_chunks = max_chunks
+        self.syntax = syntax
+        self.emphasis = emphasis
+        self.comma_backtrack = _DEFAULT_COMMA_BACKTRACK[syntax] if comma_backtrack is None else comma_backtrack
+        self.layout = layout
+        self._tokenize = functools.partial(tokenizer.encode, add_special_tokens=False, verbose=False)
+
+    def chunks(self, prompt: str) -> Chunks:
+        """A prompt's chunks of token ids and emphasis weights (warns if it is cut)."""
+        chunks = make_chunks(
+            tokenize_runs(parse(prompt, self.syntax), self._tokenize),
+            max_chunks=self.max_chunks,
+            comma_backtrack=self.comma_backtrack,
+        )
+        if chunks.dropped:
+            warnings.warn(
+                f"prompt longer than {self.max_chunks * CHUNK_SIZE} tokens; cut: "
+                f"{self.tokenizer.decode(chunks.dropped)!r}",
+                stacklevel=3,
+            )
+        return chunks
+
+    def encode(
+        self,
+        prompts: str | Sequence[str],
+        negative_prompts: str | Sequence[str] | None = None,
+        *,
+        clip_skip: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cond, uncond)``, each ``[batch, tokens, width]`` and of equal shape.
+
+        ``negative_prompts`` defaults to the empty prompt; a single string
+        applies to every prompt. ``clip_skip`` overrides the encoder's for this
+        call. Both come back in the text encoder's dtype and on its device;
+        gradients flow to the encoder's parameters.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if negative_prompts is None or isinstance(negative_prompts, str):
+            negative_prompts = [negative_prompts or ""] * len(prompts)
+        if len(negative_prompts) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts")
+        if not prompts:
+            raise ValueError("no prompt to encode")
+
+        encoded = [self.chunks(text) for text in [*prompts, *negative_prompts]]
+        count = max(map(len, encoded))
+        encoded = [chunks.padded_to(count) for chunks in encoded]
+        device = self._transformer.embeddings.token_embedding.weight.device
+        ids = torch.tensor([chunk for chunks in encoded for chunk in chunks.ids], device=device)
+        weights = torch.tensor([chunk for chunks in encoded for chunk in chunks.weights], device=device)
+        if self.emphasis == "ignore":  # parsed all the same: weights still split the text into runs
+            weights = torch.ones_like(weights)
+
+        hidden = self.hidden_states(ids, self.clip_skip if clip_skip is None else clip_skip)
+        destination, length = self._destination(len(encoded), count, device)
+        norm = self._transformer.final_layer_norm
+        context = chunk_concat(
+            hidden,
+            norm.weight,
+            norm.bias,
+            norm.eps,
+            weights,
+            destination,
+            len(encoded) * length,
+            restore_mean=self.emphasis == "original",
+        ).view(len(encoded), length, -1)
+        return context[: len(prompts)], context[len(prompts) :]
+
+    def hidden_states(self, ids: torch.Tensor, clip_skip: int) -> torch.Tensor:
+        """Layer ``clip_skip``'s output (counted from the last) for chunks of
+        token ids ``[n, 77]``, before the final layer norm, running no layer above it."""
+        layers = self._transformer.encoder.layers
+        _check_clip_skip(clip_skip, len(layers))
+        with ExitStack() as swaps:
+            swaps.enter_context(_swapped(self._transformer.encoder, "layers", layers[: len(layers) + 1 - clip_skip]))
+            swaps.enter_context(_swapped(self._transformer, "final_layer_norm", nn.Identity()))
+            return self._transformer(input_ids=ids).last_hidden_state
+
+    def _destination(self, sequences: int, count: int, device: torch.device) -> tuple[torch.Tensor, int]:
+        """Where each chunk row lands in the flattened context: ``[sequences * count, 77]``
+        row indices (-1 where the layout drops a row), and the context length."""
+        width = CHUNK_SIZE + 2
+        kept = torch.tensor(kept_positions(count, self.layout), device=device)
+        within = torch.full((count * width,), -1, dtype=torch.long, device=device)
+        within[kept] = torch.arange(len(kept), device=device)
+        offsets = torch.arange(sequences, device=device)[:, None] * len(kept)
+        destination = torch.where(within >= 0, within + offsets, -1)
+        return destination.view(sequences * count, width), len(kept)
+
+
+def _check_clip_skip(clip_skip: int, layers: int) -> None:
+    if not 1 <= clip_skip <= layers:
+        raise ValueError(f"clip_skip must lie in 1..{layers} for this {layers}-layer encoder, got {clip_skip}")
+
+
+@contextmanager
+def _swapped(module: nn.Module, name: str, replacement: nn.Module) -> Iterator[None]:
+    """Temporarily replace a submodule (the encoder call is not thread-safe while it runs)."""
+    original = getattr(module, name)
+    setattr(module, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+def encode_chunk_by_chunk(
+    encoder: LongPromptEncoder, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What :meth:`LongPromptEncoder.encode` computes, the web UI's eager way:
+    one chunk per encoder call, prompts and negative prompts apart, all layers
+    run and one picked, then emphasis and concatenation step by step.
+
+    The baseline of the tests and benchmarks; not for use.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    negatives = [negative_prompts or ""] * len(prompts) if not isinstance(negative_prompts, list) else negative_prompts
+    encoded = [encoder.chunks(text) for text in [*prompts, *negatives]]
+    count = max(map(len, encoded))
+    transformer = encoder._transformer
+    device = transformer.embeddings.token_embedding.weight.device
+    keep = torch.tensor(kept_positions(count, encoder.layout), device=device)
+    contexts = []
+    for chunks in encoded:
+        chunks = chunks.padded_to(count)
+        pieces = []
+        for ids, weights in zip(chunks.ids, chunks.weights):
+            states = encoder.text_encoder(torch.tensor([ids], device=device), output_hidden_states=True).hidden_states
+            normed = transformer.final_layer_norm(states[-encoder.clip_skip])
+            weighted = normed * torch.tensor(weights, device=device, dtype=normed.dtype)[None, :, None]
+            if encoder.emphasis == "ignore":
+                weighted = normed
+            elif encoder.emphasis == "original":
+                weighted = weighted * (normed.mean() / weighted.mean())
+            pieces.append(weighted)
+        contexts.append(torch.cat(pieces, dim=1)[:, keep])
+    return torch.cat(contexts[: len(prompts)]), torch.cat(contexts[len(prompts) :])
