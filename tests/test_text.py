@@ -240,6 +240,26 @@ def pipeline(tokenizer, tiny_encoder):
 
 
 @torch.no_grad()
+def test_short_prompts_match_diffusers_clip_skip_where_it_works(pipeline, tokenizer, tiny_encoder):
+    from nai_fast import patch_pipeline, unpatch_pipeline
+
+    prompt = "a photo of a cat"
+    expected = definition(tiny_encoder, token_ids(tokenizer, prompt), clip_skip=2)
+    try:
+        stock, _ = pipeline.encode_prompt(prompt, "cpu", 1, True, clip_skip=1)
+    except AttributeError:  # diffusers 0.42 reaches for .text_model, which transformers 5 removed
+        assert not hasattr(tiny_encoder, "text_model")
+    else:
+        torch.testing.assert_close(stock, expected, rtol=1e-5, atol=1e-5)
+    patch_pipeline(pipeline)
+    try:
+        ours, _ = pipeline.encode_prompt(prompt, "cpu", 1, True, clip_skip=1)
+    finally:
+        unpatch_pipeline(pipeline)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
 def test_patch_pipeline_encodes_long_prompts_for_both_sides(pipeline):
     from nai_fast import patch_pipeline, unpatch_pipeline
 
