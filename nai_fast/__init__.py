@@ -11,6 +11,9 @@ __version__ = "0.1.0"
 
 # Public names importable from the package root, each from the room that owns it.
 _EXPORTS = {
+    "apply_hypernetworks": "nai_fast.attention",
+    "remove_hypernetworks": "nai_fast.attention",
+    "Hypernetwork": "nai_fast.hypernetwork",
     "patch_pipeline": "nai_fast.pipeline",
     "unpatch_pipeline": "nai_fast.pipeline",
     "LongPromptEncoder": "nai_fast.text",

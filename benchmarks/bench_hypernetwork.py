@@ -1,0 +1,242 @@
+"""Hypernetworks in the U-Net: nai_fast's processors versus the web UI's way, both against
+no hypernetwork at all.
+
+The web UI's way (``modules/hypernetworks/hypernetwork.py``) runs every module in every
+attention layer at every step; its processor is written below. nai_fast runs a
+cross-attention module once per context, keeps cross-attention K/V for the whole
+generation and folds affine (linear) modules into the self-attention projections.
+
+Full mode: the real SD 1.x U-Net config (random weights), batch 2 (a classifier-free
+guidance batch), 231 context tokens (3 chunks), a ``[1, 2, 1]`` hypernetwork with widths
+320/640/768/1280, linear and relu:
+
+- one U-Net step at 32x32 latents, best of 3 rounds: the steady state, every step of a
+  generation but the first (nai_fast's first round pays for folding and K/V);
+- a 20-step generation at 32x32 latents, from applying the hypernetwork to the last
+  step, one round (about a minute per role on 2 cores): the context
+  is concatenated anew at every step as the web UI's sampler does, and nai_fast's one-time
+  work is inside the timing.
+
+Each overhead is reported as a percentage of the no-hypernetwork time (stock diffusers
+processors). Smoke mode: a tiny U-Net, one step.
+
+    pytest benchmarks/bench_hypernetwork.py                          # full, ~8 min
+    pytest benchmarks/bench_hypernetwork.py --benchmark-disable      # smoke
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import BASELINE, FAST, smoke_mode
+from diffusers import UNet2DConditionModel
+
+from nai_fast.attention import apply_hypernetworks, remove_hypernetworks
+from nai_fast.hypernetwork import Hypernetwork
+
+NONE = "no hypernetwork"
+ACTIVATIONS = ["linear", "relu"]
+GUIDANCE_SCALE = 7.5
+
+
+@dataclass(frozen=True, eq=False)  # hashed by identity, for lru_cache
+class Setup:
+    unet_config: dict
+    widths: tuple[int, ...]
+    context_tokens: int
+    step_latent_size: int
+    generation_latent_size: int
+    generation_steps: int
+    step_rounds: int
+
+
+FULL = Setup(
+    unet_config=dict(
+        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8, layers_per_block=2
+    ),
+    widths=(320, 640, 768, 1280),
+    context_tokens=231,
+    step_latent_size=32,
+    generation_latent_size=32,
+    generation_steps=20,
+    step_rounds=3,
+)
+SMOKE = Setup(
+    unet_config=dict(
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=48,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ),
+    widths=(32, 48, 64),
+    context_tokens=10,
+    step_latent_size=8,
+    generation_latent_size=8,
+    generation_steps=1,
+    step_rounds=1,
+)
+
+_best: dict[tuple[str, str], float] = {}  # (group, role) -> best seconds, for the overhead report
+
+
+@pytest.fixture(scope="module")
+def setup(request: pytest.FixtureRequest) -> Setup:
+    return SMOKE if smoke_mode(request.config) else FULL
+
+
+@lru_cache(maxsize=1)
+def model(setup: Setup) -> tuple[UNet2DConditionModel, dict[str, object], torch.Tensor]:
+    """The U-Net (warmed up at both latent sizes), its stock processors, and a CFG context."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**setup.unet_config).eval().requires_grad_(False)
+    context = torch.randn(2, setup.context_tokens, setup.unet_config["cross_attention_dim"])
+    with torch.no_grad():
+        for size in {setup.step_latent_size, setup.generation_latent_size}:
+            unet(torch.randn(2, 4, size, size), 500, encoder_hidden_states=context)
+    return unet, unet.attn_processors, context
+
+
+@lru_cache(maxsize=2)
+def hypernetwork(setup: Setup, activation: str) -> Hypernetwork:
+    torch.manual_seed(1)
+    return Hypernetwork(widths=setup.widths, layer_structure=(1, 2, 1), activation=activation)
+
+
+class WebUIProcessor:
+    """The web UI's way: each attention layer runs the modules on its k/v input, every step.
+
+    Otherwise diffusers' ``AttnProcessor2_0`` for the layers of SD 1.x transformer blocks
+    (3-D hidden states, no mask, no norms, no residual connection).
+    """
+
+    def __init__(self, hypernetworks: list[Hypernetwork]) -> None:
+        self.hypernetworks = hypernetworks
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        context_k = context_v = context
+        for hypernetwork in self.hypernetworks:  # the web UI's apply_hypernetworks
+            pair = hypernetwork.modules_for(context.shape[-1])
+            if pair is not None:
+                context_k, context_v = pair[0](context_k), pair[1](context_v)
+        query, key, value = attn.to_q(hidden_states), attn.to_k(context_k), attn.to_v(context_v)
+        batch_size, inner_dim = query.shape[0], key.shape[-1]
+        query, key, value = (
+            tensor.view(batch_size, -1, attn.heads, inner_dim // attn.heads).transpose(1, 2)
+            for tensor in (query, key, value)
+        )
+        hidden_states = F.scaled_dot_product_attention(query, key, value)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, inner_dim).to(query.dtype)
+        return attn.to_out[1](attn.to_out[0](hidden_states))
+
+
+def install(unet: UNet2DConditionModel, stock_processors: dict, role: str, hypernetworks: list[Hypernetwork]) -> None:
+    """Put ``role``'s processors on the U-Net; for nai_fast that also starts empty caches."""
+    remove_hypernetworks(unet)
+    if role == FAST:
+        apply_hypernetworks(unet, hypernetworks)
+    else:
+        unet.set_attn_processor(dict(stock_processors) if role == NONE else WebUIProcessor(hypernetworks))
+
+
+def timed_best(timed, group: str, role: str, fn: Callable[[], torch.Tensor], rounds: int) -> torch.Tensor:
+    """``timed``, also keeping the best time in ``_best`` for the overhead report."""
+
+    def measured() -> torch.Tensor:
+        start = time.perf_counter()
+        result = fn()
+        seconds = time.perf_counter() - start
+        _best[group, role] = min(_best.get((group, role), math.inf), seconds)
+        return result
+
+    return timed(group, role, measured, rounds)
+
+
+def step_group(setup: Setup, activation: str | None) -> str:
+    size = setup.step_latent_size
+    return f"U-Net step {size}x{size}, " + (f"{activation} hypernetwork" if activation else NONE)
+
+
+def generation_group(setup: Setup, activation: str | None) -> str:
+    size = setup.generation_latent_size
+    name = f"{setup.generation_steps}-step generation {size}x{size}, "
+    return name + (f"{activation} hypernetwork" if activation else NONE)
+
+
+def roles_and_activations() -> list[tuple[str, str | None]]:
+    return [(NONE, None)] + [(role, activation) for activation in ACTIVATIONS for role in (BASELINE, FAST)]
+
+
+ROLE_IDS = [f"{role}-{activation or 'none'}" for role, activation in roles_and_activations()]
+
+
+# -- benchmarks -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("role", "activation"), roles_and_activations(), ids=ROLE_IDS)
+def test_unet_step(timed, setup, role, activation):
+    unet, stock_processors, context = model(setup)
+    hypernetworks = [hypernetwork(setup, activation)] if activation else []
+    size = setup.step_latent_size
+    latents = torch.randn(2, 4, size, size, generator=torch.Generator().manual_seed(2))
+    install(unet, stock_processors, role, hypernetworks)
+
+    @torch.no_grad()
+    def step() -> torch.Tensor:
+        return unet(latents, 500, encoder_hidden_states=context).sample
+
+    output = timed_best(timed, step_group(setup, activation), role, step, setup.step_rounds)
+    if role == FAST:
+        install(unet, stock_processors, BASELINE, hypernetworks)
+        torch.testing.assert_close(output, step(), rtol=1e-3, atol=1e-4, msg="both ways compute the same")
+    install(unet, stock_processors, NONE, [])
+
+
+@pytest.mark.parametrize(("role", "activation"), roles_and_activations(), ids=ROLE_IDS)
+def test_generation(timed, setup, role, activation):
+    unet, stock_processors, context = model(setup)
+    hypernetworks = [hypernetwork(setup, activation)] if activation else []
+    negative, positive = context.split(1)
+    size = setup.generation_latent_size
+    timesteps = torch.linspace(999, 0, setup.generation_steps).round().long()
+
+    @torch.no_grad()
+    def generate() -> torch.Tensor:
+        install(unet, stock_processors, role, hypernetworks)  # a new generation
+        latents = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(3))
+        for timestep in timesteps:
+            step_context = torch.cat([negative, positive])  # anew at every step, as the web UI does
+            noise_uncond, noise_cond = unet(torch.cat([latents] * 2), timestep, step_context).sample.chunk(2)
+            noise = noise_uncond + GUIDANCE_SCALE * (noise_cond - noise_uncond)
+            latents = latents - noise / setup.generation_steps  # an Euler-like update; the sampler costs nothing
+        return latents
+
+    timed_best(timed, generation_group(setup, activation), role, generate, rounds=1)
+    install(unet, stock_processors, NONE, [])
+
+
+def test_overheads(note, setup):
+    """Each way's time over the no-hypernetwork time, from the runs above."""
+    for group_of, what in ((step_group, "step"), (generation_group, "generation")):
+        reference = _best.get((group_of(setup, None), NONE))
+        for activation in ACTIVATIONS:
+            times = {role: _best.get((group_of(setup, activation), role)) for role in (BASELINE, FAST)}
+            if reference is None or None in times.values():
+                continue
+            overheads = ", ".join(
+                f"{label} {100 * (times[role] / reference - 1):+.1f}%"
+                for label, role in (("web UI way", BASELINE), ("nai_fast", FAST))
+            )
+            note(
+                f"hypernetwork overhead, {what}, {activation}: {overheads} "
+                f"(of {reference:.3f} s without one: {group_of(setup, None)})"
+            )
