@@ -110,9 +110,9 @@ class BucketBatchSampler(Sampler[BatchRequest]):
         if finished and not self._epoch_was_set:
             self.epoch += 1
         self._epoch_was_set = False
-        epoch, start = self.epoch, self.plan.position if self.plan.epoch == self.epoch else 0
-        for position, ((width, height), items) in enumerate(self.plan.batches(epoch), start=start):
-            yield BatchRequest(epoch, position, width, height, items)
+        epoch = self.epoch
+        for (width, height), items in self.plan.batches(epoch):
+            yield BatchRequest(epoch, self.plan.position - 1, width, height, items)  # the plan counts yielded batches
 
     def state_dict(self, consumed: int | None = None) -> dict[str, int]:
         """The plan's state. A DataLoader with workers draws batches ahead of

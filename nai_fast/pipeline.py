@@ -47,11 +47,8 @@ def patch_pipeline(pipe: Any, **encoder_options: Any) -> LongPromptEncoder:
                 prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt,
                 prompt_embeds, negative_prompt_embeds, lora_scale, clip_skip,
             )  # fmt: skip
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if isinstance(negative_prompt, list) and len(negative_prompt) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(negative_prompt)} negative prompts")
         # diffusers counts the layers skipped, we count from the last layer.
-        cond, uncond = encoder.encode(prompts, negative_prompt, clip_skip=None if clip_skip is None else clip_skip + 1)
+        cond, uncond = encoder.encode(prompt, negative_prompt, clip_skip=None if clip_skip is None else clip_skip + 1)
         cond = cond.to(device).repeat_interleave(num_images_per_prompt, dim=0)
         uncond = uncond.to(device).repeat_interleave(num_images_per_prompt, dim=0)
         return cond, uncond if do_classifier_free_guidance else None

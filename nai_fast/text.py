@@ -121,14 +121,7 @@ class LongPromptEncoder:
         call. Both come back in the text encoder's dtype and on its device;
         gradients flow to the encoder's parameters.
         """
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if negative_prompts is None or isinstance(negative_prompts, str):
-            negative_prompts = [negative_prompts or ""] * len(prompts)
-        if len(negative_prompts) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts")
-        if not prompts:
-            raise ValueError("no prompt to encode")
-
+        prompts, negative_prompts = _prompt_lists(prompts, negative_prompts)
         encoded = [self.chunks(text) for text in [*prompts, *negative_prompts]]
         count = max(map(len, encoded))
         encoded = [chunks.padded_to(count) for chunks in encoded]
@@ -175,6 +168,21 @@ class LongPromptEncoder:
         return destination.view(sequences * count, width), len(kept)
 
 
+def _prompt_lists(
+    prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None
+) -> tuple[list[str], list[str]]:
+    """Prompts as a list, and a negative prompt for each (the empty one by default)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if negative_prompts is None or isinstance(negative_prompts, str):
+        negative_prompts = [negative_prompts or ""] * len(prompts)
+    negative_prompts = list(negative_prompts)
+    if len(negative_prompts) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts")
+    if not prompts:
+        raise ValueError("no prompt to encode")
+    return prompts, negative_prompts
+
+
 def _check_clip_skip(clip_skip: int, layers: int) -> None:
     if not 1 <= clip_skip <= layers:
         raise ValueError(f"clip_skip must lie in 1..{layers} for this {layers}-layer encoder, got {clip_skip}")
@@ -200,8 +208,7 @@ def encode_chunk_by_chunk(
 
     The baseline of the tests and benchmarks; not for use.
     """
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    negatives = [negative_prompts or ""] * len(prompts) if not isinstance(negative_prompts, list) else negative_prompts
+    prompts, negatives = _prompt_lists(prompts, negative_prompts)
     encoded = [encoder.chunks(text) for text in [*prompts, *negatives]]
     count = max(map(len, encoded))
     transformer = encoder._transformer
