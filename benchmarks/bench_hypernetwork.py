@@ -224,8 +224,9 @@ def test_generation(timed, setup, role, activation):
     install(unet, stock_processors, NONE, [])
 
 
-def test_overheads(note, setup):
+def test_overheads(note, setup, smoke):
     """Each way's time over the no-hypernetwork time, from the runs above."""
+    caveat = " [smoke: tiny U-Net, one round, not a measurement]" if smoke else ""
     for group_of, what in ((step_group, "step"), (generation_group, "generation")):
         reference = _best.get((group_of(setup, None), NONE))
         for activation in ACTIVATIONS:
@@ -238,5 +239,5 @@ def test_overheads(note, setup):
             )
             note(
                 f"hypernetwork overhead, {what}, {activation}: {overheads} "
-                f"(of {reference:.3f} s without one: {group_of(setup, None)})"
+                f"(of {reference:.3f} s without one: {group_of(setup, None)}){caveat}"
             )
