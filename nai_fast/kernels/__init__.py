@@ -26,9 +26,19 @@ from functools import cache, partial
 import torch
 
 from . import chunk_concat as _chunk_concat_module
+from . import cross_attention as _cross_attention_module
 from .chunk_concat import chunk_concat_reference
+from .cross_attention import cross_attention_reference
 
-__all__ = ["ENV_VAR", "MODES", "chunk_concat", "chunk_concat_reference", "kernel_mode"]
+__all__ = [
+    "ENV_VAR",
+    "MODES",
+    "chunk_concat",
+    "chunk_concat_reference",
+    "cross_attention",
+    "cross_attention_reference",
+    "kernel_mode",
+]
 
 ENV_VAR = "NAI_FAST_KERNELS"
 MODES = ("auto", "triton", "reference")
@@ -82,3 +92,17 @@ def chunk_concat(
     reasons = partial(kernels.not_supported_reasons, hidden, weight, bias)
     op = kernels.chunk_concat if _use_triton("chunk_concat", hidden, reasons) else kernels.chunk_concat_reference
     return op(hidden, weight, bias, eps, multipliers, destination, num_rows, restore_mean)
+
+
+def cross_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """Attention of many queries to a short key set (the prompt), SDPA's layout, no mask.
+
+    Dispatches to the Triton op or :func:`cross_attention_reference`, which defines it and
+    documents the arguments.
+    """
+    kernels = _cross_attention_module
+    reasons = partial(kernels.not_supported_reasons, q, k, v)
+    op = kernels.cross_attention if _use_triton("cross_attention", q, reasons) else kernels.cross_attention_reference
+    return op(q, k, v, scale)

@@ -23,8 +23,19 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .chunk_concat import LaunchConfig
+from .cross_attention import LaunchConfig as CrossAttentionLaunchConfig
 
-__all__ = ["A100", "DEVICES", "H100_SXM", "Comparison", "Cost", "Device", "chunk_concat_cost", "measure_eager"]
+__all__ = [
+    "A100",
+    "DEVICES",
+    "H100_SXM",
+    "Comparison",
+    "Cost",
+    "Device",
+    "chunk_concat_cost",
+    "cross_attention_cost",
+    "measure_eager",
+]
 
 
 @dataclass(frozen=True)
@@ -227,6 +238,51 @@ def _chunk_concat_backward(s: _ChunkConcatShape, restore_mean: bool) -> Comparis
         eager += _op(2 * s.hidden, s.hidden, s.elements)  # plus the mean's path
     layer_norm_reads = 2 * s.hidden + 2 * s.row_values + s.parameters  # grad, input, mean, rstd, weight, bias
     eager += _op(layer_norm_reads, s.hidden + s.parameters, 11 * s.elements)
+    return Comparison(minimal, implemented, eager)
+
+
+# CUDA-core FLOPs per attention score: the scale, the running max, the subtraction, the
+# exponential, the sum.
+_SOFTMAX_FLOPS = 5
+
+
+def cross_attention_cost(
+    batch: int, heads: int, query_length: int, key_length: int, head_dim: int, *, dtype_bytes: int = 2
+) -> Comparison:
+    """Cost of :func:`nai_fast.kernels.cross_attention.cross_attention`'s forward pass.
+
+    Matrix products count 2 FLOPs a multiply-add: 4 B H Lq Lk d for the two. The fused op
+    reads Q, K and V once (a head's K and V stay in L2 across its query blocks) and writes
+    the output and, as implemented, a float32 log-sum-exp per query row; its tensor-core work
+    covers the padded tiles. Eager materialises the Lq x Lk scores: Q K^T, the scale, the
+    softmax and the product with V each read and write them.
+    """
+    heads_total = batch * heads
+    queries = heads_total * query_length * head_dim * dtype_bytes  # also the output
+    keys = heads_total * key_length * head_dim * dtype_bytes  # also the values
+    scores = heads_total * query_length * key_length
+    matmul_flops = 4 * scores * head_dim
+    minimal = Cost(2 * queries + 2 * keys, _SOFTMAX_FLOPS * scores, matmul_flops, launches=1)
+
+    config = CrossAttentionLaunchConfig.for_head(head_dim, {2: torch.float16, 4: torch.float32}[dtype_bytes])
+    padded_queries = -(-query_length // config.block_q) * config.block_q
+    padded_keys = -(-key_length // config.block_k) * config.block_k
+    padded_scores = heads_total * padded_queries * padded_keys
+    padded_matmul_flops = 4 * padded_scores * config.block_head
+    on_tensor_cores = dtype_bytes != 4  # float32 products run on CUDA cores
+    implemented = Cost(
+        bytes=2 * queries + 2 * keys + 4 * heads_total * query_length,
+        flops=_SOFTMAX_FLOPS * padded_scores + (0 if on_tensor_cores else padded_matmul_flops),
+        tensor_flops=padded_matmul_flops if on_tensor_cores else 0,
+        launches=1,
+    )
+
+    score_bytes = scores * dtype_bytes
+    eager = Cost(tensor_flops=matmul_flops)
+    eager += _op(queries + keys, score_bytes)  # Q K^T
+    eager += _op(score_bytes, score_bytes, scores)  # the scale
+    eager += _op(score_bytes, score_bytes, (_SOFTMAX_FLOPS - 1) * scores)  # the softmax
+    eager += _op(score_bytes + keys, queries)  # times V
     return Comparison(minimal, implemented, eager)
 
 

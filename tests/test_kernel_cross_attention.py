@@ -1,0 +1,308 @@
+"""cross_attention, proven without a GPU: the Triton kernels against the float64 reference
+(under Triton's interpreter), their compilation for sm_80 and sm_90, the dispatcher."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+from kernel_proofs import (
+    assert_as_accurate_as_eager,
+    compile_distinct,
+    fresh_seed,
+    poisoned_allocations,
+    recorded_launches,
+    result_of,
+    triton_workers,
+)
+
+import nai_fast.kernels as kernels
+from nai_fast.kernels.cross_attention import (
+    MAX_FLOAT32_HEAD_DIM,
+    MAX_HEAD_DIM,
+    LaunchConfig,
+    cross_attention_reference,
+    not_supported_reasons,
+)
+from nai_fast.kernels.cost import A100, H100_SXM, cross_attention_cost
+
+MODULE = "nai_fast.kernels.cross_attention"
+HEAD_DIMS = (40, 64, 80, 160)  # SD 1.x: 40, 80, 160; SD 2.x and SDXL: 64
+# Shared memory a block may use: 163 KiB on A100, 227 KiB on H100.
+MAX_SHARED = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
+
+
+@pytest.fixture(scope="module")
+def interpreter():
+    """Worker processes whose kernels run on CPU tensors under Triton's interpreter."""
+    pytest.importorskip("triton")
+    with triton_workers(interpret=True, processes=min(2, os.cpu_count())) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def compiler():
+    """A worker process whose kernels compile for GPUs."""
+    pytest.importorskip("triton")
+    with triton_workers(interpret=False) as pool:
+        yield pool
+
+
+def op_module():
+    """The kernel module (the package attribute of its name is the dispatching function)."""
+    return importlib.import_module(MODULE)
+
+
+# -- inputs -----------------------------------------------------------------------------------
+
+
+def random_inputs(shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Fresh q, k, v and an output gradient, representable in ``dtype``, held in float64.
+
+    Keys get a spread of norms so that the softmax is neither flat nor one-hot.
+    """
+    batch, heads, query_length, key_length, head_dim = shape
+    tensors = dict(
+        q=torch.randn(batch, heads, query_length, head_dim, dtype=torch.float64),
+        k=torch.randn(batch, heads, key_length, head_dim, dtype=torch.float64)
+        * (0.5 + torch.rand(batch, heads, key_length, 1, dtype=torch.float64)),
+        v=torch.randn(batch, heads, key_length, head_dim, dtype=torch.float64),
+        grad_out=torch.randn(batch, heads, query_length, head_dim, dtype=torch.float64),
+    )
+    return {name: tensor.to(dtype).double() for name, tensor in tensors.items()}
+
+
+def run(op, inputs: dict, dtype: torch.dtype, scale: float | None) -> list[torch.Tensor]:
+    """[output, grad q, grad k, grad v] of ``op`` on ``inputs`` in ``dtype``."""
+    q, k, v = (inputs[name].to(dtype, copy=True).requires_grad_() for name in ("q", "k", "v"))
+    output = op(q, k, v, scale)
+    output.backward(inputs["grad_out"].to(dtype))
+    return [output.detach(), q.grad, k.grad, v.grad]
+
+
+# -- numerics (jobs run in interpreter workers) ----------------------------------------------
+
+# (batch, heads, Lq, Lk, head_dim), dtype, scale: every head dim and dtype, Lq 1, 77 and 1000,
+# Lk 77, 100, 231 and 308 (1 to 4 prompt chunks; 100 is no multiple of 77).
+CASES = [
+    ((1, 2, 77, 77, 40), torch.float32, None),
+    ((2, 1, 1, 308, 64), torch.float32, None),
+    ((1, 1, 1000, 100, 80), torch.float32, None),
+    ((1, 2, 100, 231, 80), torch.float32, 0.3),
+    ((1, 2, 77, 77, 40), torch.float16, None),
+    ((1, 1, 1000, 77, 160), torch.float16, None),
+    ((2, 1, 5, 308, 80), torch.float16, None),
+    ((1, 1, 100, 231, 64), torch.float16, 0.3),
+    ((1, 2, 77, 100, 80), torch.bfloat16, None),
+    ((1, 1, 1000, 308, 40), torch.bfloat16, None),
+    ((2, 1, 1, 77, 160), torch.bfloat16, None),
+    ((1, 1, 33, 231, 64), torch.bfloat16, None),
+]
+
+
+def case_id(case) -> str:
+    (batch, heads, query_length, key_length, head_dim), dtype, scale = case
+    scale_note = "" if scale is None else f"-scale{scale}"
+    dtype_name = str(dtype).removeprefix("torch.")
+    return f"B{batch}-H{heads}-Lq{query_length}-Lk{key_length}-D{head_dim}-{dtype_name}{scale_note}"
+
+
+def numerics_job(case, seed: int) -> None:
+    """Output and gradients against the float64 reference, as close as eager in the same dtype."""
+    torch.manual_seed(seed)
+    shape, dtype, scale = case
+    inputs = random_inputs(shape, dtype)
+    exact = run(cross_attention_reference, inputs, torch.float64, scale)
+    eager = run(cross_attention_reference, inputs, dtype, scale)
+    with poisoned_allocations():
+        kernel = run(op_module().cross_attention, inputs, dtype, scale)
+    for what, *results in zip(("output", "grad q", "grad k", "grad v"), kernel, eager, exact):
+        assert results[0].dtype == dtype, what
+        assert_as_accurate_as_eager(what, *results)
+
+
+@pytest.fixture(scope="module")
+def numerics(interpreter):
+    """Every case, sent to the workers at once so that they run side by side: id -> (seed, job)."""
+    jobs = {}
+    for case in CASES:
+        seed = fresh_seed()
+        jobs[case_id(case)] = seed, interpreter.apply_async(numerics_job, (case, seed))
+    return jobs
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_matches_reference(numerics, case):
+    """See numerics_job; a failure reports the seed that reproduces it."""
+    seed, job = numerics[case_id(case)]
+    result_of(job, seed)
+
+
+def non_contiguous_job(seed: int) -> None:
+    """Views in SDPA's layout taken from (batch, length, heads, head_dim) projections."""
+    torch.manual_seed(seed)
+    q, k, v = (torch.randn(1, length, 2, 40).transpose(1, 2) for length in (9, 77, 77))
+    torch.testing.assert_close(op_module().cross_attention(q, k, v), cross_attention_reference(q, k, v))
+
+
+def mismatched_inputs_job() -> None:
+    op, q, k = op_module().cross_attention, torch.randn(1, 2, 5, 40), torch.randn(1, 2, 77, 40)
+    with pytest.raises(ValueError, match="k and v of one shape"):
+        op(q, k, k[:, :, :70])
+    with pytest.raises(ValueError, match="k and v of one shape"):
+        op(q, k[..., :32], k[..., :32])
+    with pytest.raises(ValueError, match="at least one key"):
+        op(q, k[:, :, :0], k[:, :, :0])
+    with pytest.raises(ValueError, match="share a dtype"):
+        op(q, k, k.half())
+
+
+def test_non_contiguous_inputs(interpreter):
+    seed = fresh_seed()
+    result_of(interpreter.apply_async(non_contiguous_job, (seed,)), seed)
+
+
+def test_mismatched_inputs_raise(interpreter):
+    result_of(interpreter.apply_async(mismatched_inputs_job))
+
+
+# -- compiles for real targets (a job run in a compiling worker) ------------------------------
+
+# Every LaunchConfig: each head dim in float16 and float32 (up to 128 wide), and bfloat16
+# (the float16 tiles) at one.
+FLOAT32_HEAD_DIMS = [head_dim for head_dim in HEAD_DIMS if head_dim <= MAX_FLOAT32_HEAD_DIM]
+COMPILE_VARIANTS = [(head_dim, torch.float16) for head_dim in HEAD_DIMS]
+COMPILE_VARIANTS += [(head_dim, torch.float32) for head_dim in FLOAT32_HEAD_DIMS] + [(80, torch.bfloat16)]
+
+
+def compile_job() -> list:
+    """Forward and backward launches of COMPILE_VARIANTS, compiled for sm_80 and sm_90."""
+    from nai_fast.kernels.compile_check import TARGETS
+
+    with recorded_launches(op_module()) as launches:
+        for head_dim, dtype in COMPILE_VARIANTS:
+            run(op_module().cross_attention, random_inputs((1, 2, 3, 5, head_dim), dtype), dtype, None)
+    return compile_distinct(launches, TARGETS)
+
+
+@pytest.fixture(scope="module")
+def compiled(compiler):
+    return result_of(compiler.apply_async(compile_job))
+
+
+def test_compile_variants_reach_every_config():
+    every_config = {LaunchConfig.for_head(d, torch.float16) for d in HEAD_DIMS}
+    every_config |= {LaunchConfig.for_head(d, torch.float32) for d in FLOAT32_HEAD_DIMS}
+    assert every_config == {LaunchConfig.for_head(d, dtype) for d, dtype in COMPILE_VARIANTS}
+
+
+@pytest.mark.parametrize("target", ["sm_80", "sm_90"])
+def test_compiles_without_spills(compiled, target, record_property):
+    results = [result for result in compiled if result.target == target]
+    assert len(results) == 3 * len(COMPILE_VARIANTS)
+    for result in results:
+        usage = result.usage
+        record_property(result.description, f"{usage.registers} registers, {usage.shared} B shared")
+        print(f"{target} {result.description}: {usage.registers} registers, {usage.shared} B shared")
+        assert not usage.spills, f"{result.description} spills on {target}: {usage}"
+        assert usage.registers <= 255, result.description
+        assert usage.shared <= MAX_SHARED[target], f"{result.description} needs {usage.shared} B shared"
+
+
+@pytest.mark.parametrize("target", ["sm_80", "sm_90"])
+def test_half_precision_dots_run_on_tensor_cores(compiled, target):
+    """HMMA on sm_80; HMMA or the warpgroup HGMMA (wgmma) on sm_90."""
+    from nai_fast.kernels.compile_check import sass_mnemonics
+
+    tensor_core = {"HMMA"} if target == "sm_80" else {"HMMA", "HGMMA"}
+    half = [r for r in compiled if r.target == target and ("fp16" in r.description or "bf16" in r.description)]
+    assert len(half) == 3 * (len(HEAD_DIMS) + 1)
+    for result in half:
+        mnemonics = sass_mnemonics(result.binary)
+        assert {"LDG", "STG"} <= mnemonics  # global loads and stores: the disassembly is real
+        assert tensor_core & mnemonics, f"{result.description} on {target}: no tensor-core instruction"
+
+
+# -- dispatch ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def marked_ops(monkeypatch):
+    """The dispatcher's two targets, replaced by functions that say which one ran."""
+    monkeypatch.setattr(op_module(), "cross_attention", lambda *args: "triton")
+    monkeypatch.setattr(op_module(), "cross_attention_reference", lambda *args: "reference")
+
+
+def small_args() -> tuple[torch.Tensor, ...]:
+    return torch.randn(1, 2, 5, 40), torch.randn(1, 2, 77, 40), torch.randn(1, 2, 77, 40)
+
+
+@pytest.mark.parametrize("mode", ["auto", "reference"])
+def test_cpu_tensors_get_the_reference(marked_ops, monkeypatch, mode):
+    monkeypatch.setenv(kernels.ENV_VAR, mode)
+    assert kernels.cross_attention(*small_args()) == "reference"
+
+
+def test_triton_mode_picks_triton(marked_ops, monkeypatch):
+    monkeypatch.setenv(kernels.ENV_VAR, "triton")
+    monkeypatch.setattr(op_module(), "not_supported_reasons", lambda *args: [])
+    assert kernels.cross_attention(*small_args()) == "triton"
+
+
+def triton_mode_job(args: tuple, scale: float | None) -> torch.Tensor:
+    os.environ[kernels.ENV_VAR] = "triton"
+    try:
+        return kernels.cross_attention(*args, scale)
+    finally:
+        del os.environ[kernels.ENV_VAR]
+
+
+@pytest.mark.parametrize("scale", [None, 0.5])
+def test_triton_mode_runs_the_kernels_on_cpu_under_the_interpreter(interpreter, scale):
+    args = small_args()
+    with_triton = result_of(interpreter.apply_async(triton_mode_job, (args, scale)))
+    torch.testing.assert_close(with_triton, cross_attention_reference(*args, scale))
+
+
+def test_default_scale_is_that_of_sdpa():
+    q, k, v = small_args()
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(cross_attention_reference(q, k, v), sdpa)
+
+
+def test_unsupported_inputs_are_explained():
+    wide = torch.randn(1, 1, 2, MAX_HEAD_DIM + 1, dtype=torch.float16)
+    expected = f"head dim {MAX_HEAD_DIM + 1} exceeds the {MAX_HEAD_DIM} a block holds"
+    assert expected in not_supported_reasons(wide, wide, wide)
+    float32 = torch.randn(1, 1, 2, 160)
+    expected = f"float32 head dim 160 exceeds {MAX_FLOAT32_HEAD_DIM} (registers would spill)"
+    assert expected in not_supported_reasons(float32, float32, float32)
+    double = torch.randn(1, 1, 2, 40, dtype=torch.float64)
+    assert "q is torch.float64, not float32, float16 or bfloat16" in not_supported_reasons(double, double, double)
+
+
+# -- cost model -------------------------------------------------------------------------------
+
+
+def test_cost_by_hand_for_sd_first_block():
+    """SD 1.x at 512 x 512, first down block: 2 x 8 heads (prompt and negative), 4096 queries,
+    one 77-token chunk, head dim 40, float16."""
+    cost = cross_attention_cost(2, 8, 4096, 77, 40)
+    queries, keys = 16 * 4096 * 40 * 2, 16 * 77 * 40 * 2  # 5,242,880 and 98,560 bytes; out, v alike
+    assert cost.minimal.bytes == 2 * queries + 2 * keys == 10_682_880
+    assert cost.implemented.bytes == cost.minimal.bytes + 16 * 4096 * 4  # the float32 log-sum-exp
+    assert cost.minimal.tensor_flops == 4 * 16 * 4096 * 77 * 40 == 807_403_520
+    # Tiles of 96 keys (3 x 32) by 64 head dims (40 padded) on tensor cores.
+    assert cost.implemented.tensor_flops == 4 * 16 * 4096 * 96 * 64
+    # Eager writes and reads the 16 x 4096 x 77 float16 scores three times each.
+    assert cost.eager.bytes == cost.minimal.bytes + 6 * 16 * 4096 * 77 * 2 == 71_238_144
+    assert (cost.implemented.launches, cost.eager.launches) == (1, 4)
+    assert cost.predicted_speedup(A100) > 5 and cost.predicted_speedup(H100_SXM) > 5
+
+
+def test_float32_products_count_on_cuda_cores():
+    cost = cross_attention_cost(1, 1, 16, 16, 64, dtype_bytes=4)
+    assert cost.implemented.tensor_flops == 0
+    assert cost.implemented.flops == 5 * 16 * 16 + 4 * 16 * 16 * 64
