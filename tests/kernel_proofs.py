@@ -61,6 +61,16 @@ def fresh_seed() -> int:
     return secrets.randbits(63)
 
 
+def submit_cases(pool: Pool, job, cases: list, case_id) -> dict[str, tuple[int, AsyncResult]]:
+    """Send ``job(case, seed)`` for every case at once, so that workers run side by side,
+    each with a fresh seed: ``case_id(case) -> (seed, pending result)``."""
+    pending = {}
+    for case in cases:
+        seed = fresh_seed()
+        pending[case_id(case)] = seed, pool.apply_async(job, (case, seed))
+    return pending
+
+
 def result_of(job: AsyncResult, seed: int | None = None, timeout: float = 600) -> Any:
     """A worker job's return value; its failure, re-raised here with the seed it ran with."""
     try:
@@ -111,6 +121,16 @@ def assert_as_accurate_as_eager(what: str, kernel: torch.Tensor, eager: torch.Te
     assert (
         kernel_error <= 2 * eager_error + floor
     ), f"{what}: kernel error {kernel_error:.3g} exceeds 2 x eager error {eager_error:.3g} + {floor:g}"
+
+
+def assert_results_as_accurate_as_eager(
+    names: tuple[str, ...], kernel: list[torch.Tensor], eager: list[torch.Tensor], exact: list[torch.Tensor]
+) -> None:
+    """Each named result (output, gradients) of the kernel keeps the eager result's dtype
+    and is as accurate as it (see :func:`assert_as_accurate_as_eager`)."""
+    for what, kernel_result, eager_result, exact_result in zip(names, kernel, eager, exact, strict=True):
+        assert kernel_result.dtype == eager_result.dtype, what
+        assert_as_accurate_as_eager(what, kernel_result, eager_result, exact_result)
 
 
 # -- compilation ----------------------------------------------------------------------------

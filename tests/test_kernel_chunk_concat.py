@@ -14,12 +14,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 from kernel_proofs import (
-    assert_as_accurate_as_eager,
+    assert_results_as_accurate_as_eager,
     compile_distinct,
     fresh_seed,
     poisoned_allocations,
     recorded_launches,
     result_of,
+    submit_cases,
     triton_workers,
 )
 
@@ -135,19 +136,13 @@ def numerics_job(case, seed: int) -> None:
     eager = run(chunk_concat_reference, inputs, dtype, restore_mean)
     with poisoned_allocations():
         kernel = run(op_module().chunk_concat, inputs, dtype, restore_mean)
-    for what, *results in zip(("output", "grad hidden", "grad weight", "grad bias"), kernel, eager, exact):
-        assert results[0].dtype == dtype, what
-        assert_as_accurate_as_eager(what, *results)
+    assert_results_as_accurate_as_eager(("output", "grad hidden", "grad weight", "grad bias"), kernel, eager, exact)
 
 
 @pytest.fixture(scope="module")
 def numerics(interpreter):
-    """Every case, sent to the workers at once so that they run side by side: id -> (seed, job)."""
-    jobs = {}
-    for case in CASES:
-        seed = fresh_seed()
-        jobs[case_id(case)] = seed, interpreter.apply_async(numerics_job, (case, seed))
-    return jobs
+    """Every case, sent to the workers at once: id -> (seed, pending result)."""
+    return submit_cases(interpreter, numerics_job, CASES, case_id)
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)

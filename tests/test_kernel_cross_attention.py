@@ -9,12 +9,13 @@ import os
 import pytest
 import torch
 from kernel_proofs import (
-    assert_as_accurate_as_eager,
+    assert_results_as_accurate_as_eager,
     compile_distinct,
     fresh_seed,
     poisoned_allocations,
     recorded_launches,
     result_of,
+    submit_cases,
     triton_workers,
 )
 
@@ -118,19 +119,13 @@ def numerics_job(case, seed: int) -> None:
     eager = run(cross_attention_reference, inputs, dtype, scale)
     with poisoned_allocations():
         kernel = run(op_module().cross_attention, inputs, dtype, scale)
-    for what, *results in zip(("output", "grad q", "grad k", "grad v"), kernel, eager, exact):
-        assert results[0].dtype == dtype, what
-        assert_as_accurate_as_eager(what, *results)
+    assert_results_as_accurate_as_eager(("output", "grad q", "grad k", "grad v"), kernel, eager, exact)
 
 
 @pytest.fixture(scope="module")
 def numerics(interpreter):
-    """Every case, sent to the workers at once so that they run side by side: id -> (seed, job)."""
-    jobs = {}
-    for case in CASES:
-        seed = fresh_seed()
-        jobs[case_id(case)] = seed, interpreter.apply_async(numerics_job, (case, seed))
-    return jobs
+    """Every case, sent to the workers at once: id -> (seed, pending result)."""
+    return submit_cases(interpreter, numerics_job, CASES, case_id)
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
