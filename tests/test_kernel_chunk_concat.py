@@ -358,9 +358,13 @@ def test_unsupported_inputs_are_explained():
 def test_auto_mode_on_cuda_falls_back_with_a_logged_reason(monkeypatch, caplog):
     monkeypatch.setenv(kernels.ENV_VAR, "auto")
     cuda_tensor = SimpleNamespace(is_cuda=True)
+
+    def module(reasons):
+        return SimpleNamespace(an_op="triton", an_op_reference="reference", not_supported_reasons=lambda _: reasons)
+
     with caplog.at_level(logging.WARNING, logger="nai_fast.kernels"):
-        assert kernels._use_triton("an_op", cuda_tensor, lambda: [])
-        assert not kernels._use_triton("an_op", cuda_tensor, lambda: ["rows too wide"])
+        assert kernels._implementation(module([]), "an_op", cuda_tensor) == "triton"
+        assert kernels._implementation(module(["rows too wide"]), "an_op", cuda_tensor) == "reference"
     assert "an_op falls back to its eager reference: rows too wide" in caplog.text
 
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from functools import cache, partial
+from functools import cache
+from types import ModuleType
 
 import torch
 
@@ -55,17 +56,20 @@ def kernel_mode() -> str:
     return mode
 
 
-def _use_triton(op_name: str, tensor: torch.Tensor, not_supported_reasons: Callable[[], list[str]]) -> bool:
+def _implementation(module: ModuleType, op_name: str, *inputs: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """``module``'s Triton op or its ``<op>_reference``, as ``NAI_FAST_KERNELS`` and the
+    inputs (the first one's device, ``module.not_supported_reasons(*inputs)``) decide."""
+    reference = getattr(module, f"{op_name}_reference")
     mode = kernel_mode()
-    if mode == "reference" or (mode == "auto" and not tensor.is_cuda):
-        return False
-    reasons = "; ".join(not_supported_reasons())
+    if mode == "reference" or (mode == "auto" and not inputs[0].is_cuda):
+        return reference
+    reasons = "; ".join(module.not_supported_reasons(*inputs))
     if not reasons:
-        return True
+        return getattr(module, op_name)
     if mode == "triton":
         raise RuntimeError(f"{ENV_VAR}=triton, but Triton cannot run {op_name} here: {reasons}")
     _log_fallback(op_name, reasons)
-    return False
+    return reference
 
 
 @cache
@@ -88,9 +92,7 @@ def chunk_concat(
     Dispatches to the Triton op or :func:`chunk_concat_reference`, which defines it and
     documents the arguments.
     """
-    kernels = _chunk_concat_module
-    reasons = partial(kernels.not_supported_reasons, hidden, weight, bias)
-    op = kernels.chunk_concat if _use_triton("chunk_concat", hidden, reasons) else kernels.chunk_concat_reference
+    op = _implementation(_chunk_concat_module, "chunk_concat", hidden, weight, bias)
     return op(hidden, weight, bias, eps, multipliers, destination, num_rows, restore_mean)
 
 
@@ -102,7 +104,4 @@ def cross_attention(
     Dispatches to the Triton op or :func:`cross_attention_reference`, which defines it and
     documents the arguments.
     """
-    kernels = _cross_attention_module
-    reasons = partial(kernels.not_supported_reasons, q, k, v)
-    op = kernels.cross_attention if _use_triton("cross_attention", q, reasons) else kernels.cross_attention_reference
-    return op(q, k, v, scale)
+    return _implementation(_cross_attention_module, "cross_attention", q, k, v)(q, k, v, scale)
