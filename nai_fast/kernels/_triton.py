@@ -36,6 +36,19 @@ if not AVAILABLE:
     tl = SimpleNamespace(constexpr=_Constexpr)
 
 
+# What the Triton kernels compute in (float32 inside); float64 and others take the references.
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def dtype_reasons(**tensors: torch.Tensor) -> list[str]:
+    """Why these named tensors' dtypes keep the Triton kernels out (empty: they don't)."""
+    return [
+        f"{name} is {tensor.dtype}, not float32, float16 or bfloat16"
+        for name, tensor in tensors.items()
+        if tensor.dtype not in SUPPORTED_DTYPES
+    ]
+
+
 def platform_reasons(kernel: Any, device: torch.device) -> list[str]:
     """Why ``kernel`` cannot run on tensors on ``device`` here (empty: it can)."""
     if not AVAILABLE:

@@ -41,7 +41,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._triton import platform_reasons, tl, triton
+from ._triton import SUPPORTED_DTYPES, dtype_reasons, platform_reasons, tl, triton
 
 __all__ = [
     "MAX_WIDTH",
@@ -53,7 +53,6 @@ __all__ = [
 ]
 
 MAX_WIDTH = 2048  # a row must fit one block; CLIP text encoders are 768 to 1280 wide
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TILE_ELEMENTS = 2048  # values of a tensor a program holds, 8 a thread: 16 make the backward spill
 _MAX_BLOCK_ROWS = 16
 _TOTALS_BLOCK = tl.constexpr(128)  # per-row values a step adds when totalling a chunk
@@ -360,10 +359,7 @@ def chunk_concat(
 
 def not_supported_reasons(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> list[str]:
     """Why :func:`chunk_concat` cannot take these inputs here (empty: it can)."""
-    reasons = platform_reasons(_forward_kernel, hidden.device)
-    for name, tensor in (("hidden", hidden), ("weight", weight), ("bias", bias)):
-        if tensor.dtype not in SUPPORTED_DTYPES:
-            reasons.append(f"{name} is {tensor.dtype}, not float32, float16 or bfloat16")
+    reasons = platform_reasons(_forward_kernel, hidden.device) + dtype_reasons(hidden=hidden, weight=weight, bias=bias)
     if hidden.shape[-1] > MAX_WIDTH:
         reasons.append(f"rows of {hidden.shape[-1]} values exceed the {MAX_WIDTH} one block holds")
     return reasons

@@ -40,7 +40,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._triton import is_interpreted, platform_reasons, tl, triton
+from ._triton import SUPPORTED_DTYPES, dtype_reasons, is_interpreted, platform_reasons, tl, triton
 
 __all__ = [
     "MAX_FLOAT32_HEAD_DIM",
@@ -54,7 +54,6 @@ __all__ = [
 
 MAX_HEAD_DIM = 256  # a query row and the accumulator of its output stay in registers
 MAX_FLOAT32_HEAD_DIM = 128  # float32 dots run on CUDA cores; 256-wide rows spill in dQ
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2_E = tl.constexpr(math.log2(math.e))
 _LN_2 = tl.constexpr(math.log(2.0))
 
@@ -349,10 +348,7 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
 
 def not_supported_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
     """Why :func:`cross_attention` cannot take these inputs here (empty: it can)."""
-    reasons = platform_reasons(_forward_kernel, q.device)
-    for name, tensor in (("q", q), ("k", k), ("v", v)):
-        if tensor.dtype not in SUPPORTED_DTYPES:
-            reasons.append(f"{name} is {tensor.dtype}, not float32, float16 or bfloat16")
+    reasons = platform_reasons(_forward_kernel, q.device) + dtype_reasons(q=q, k=k, v=v)
     if q.shape[-1] > MAX_HEAD_DIM:
         reasons.append(f"head dim {q.shape[-1]} exceeds the {MAX_HEAD_DIM} a block holds")
     elif q.dtype == torch.float32 and q.shape[-1] > MAX_FLOAT32_HEAD_DIM:
