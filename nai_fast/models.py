@@ -1,0 +1,137 @@
+"""Stable Diffusion 1.x components, built offline.
+
+:func:`load_model` gives a :class:`StableDiffusion`: the U-Net, VAE, CLIP text encoder,
+tokenizer and training noise schedule, from
+
+- a preset, which needs no file: ``"sd15"`` (the real SD 1.x architecture with random
+  weights, for benchmarks) or ``"tiny"`` (a small U-Net, VAE and text encoder for demos and
+  tests; the tokenizer is always the real CLIP one);
+- a diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``...);
+- a single ``.safetensors`` / ``.ckpt`` checkpoint in the original (CompVis / web UI) layout.
+
+The configs come from the package (``nai_fast/configs``), never from the network.
+diffusers and transformers are imported when a model is built, not with this module.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .configs import load_config
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, PreTrainedTokenizerBase
+
+__all__ = ["PRESETS", "StableDiffusion", "build_preset", "load_model"]
+
+# preset name -> the shipped config family it is built from
+PRESETS = {"tiny": "tiny", "sd15": "sd1"}
+
+
+@dataclass(frozen=True)
+class StableDiffusion:
+    """The components of an SD 1.x model, and where they came from."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: PreTrainedTokenizerBase
+    scheduler: DDPMScheduler  # the training noise schedule; samplers are built from its config
+    source: str
+
+    @property
+    def prediction_type(self) -> str:
+        """What the U-Net predicts: ``"epsilon"`` or ``"v_prediction"``."""
+        return self.scheduler.config.prediction_type
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent along a side (8 for SD 1.x)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> StableDiffusion:
+        """Moves the networks (in place, as ``nn.Module.to`` does) and returns ``self``."""
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device=device, dtype=dtype)
+        return self
+
+    def pipeline_components(self) -> dict[str, Any]:
+        """Keyword arguments for diffusers' ``StableDiffusionPipeline(**...)``."""
+        return dict(
+            unet=self.unet,
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            scheduler=self.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+    def with_scheduler(self, scheduler: Any) -> StableDiffusion:
+        return replace(self, scheduler=scheduler)
+
+
+def load_model(source: str | os.PathLike[str], *, vae: str | os.PathLike[str] | None = None, seed: int = 0) -> StableDiffusion:
+    """The model a preset name or a path names (see the module doc).
+
+    ``vae``: a separate VAE file (``.vae.pt``, ``.safetensors``) replacing the model's own.
+    ``seed`` draws a preset's random weights.
+    """
+    if str(source) in PRESETS:
+        model = build_preset(str(source), seed=seed)
+    else:
+        from ._checkpoints import load_from_path  # the file formats, kept apart
+
+        model = load_from_path(source)
+    if vae is not None:
+        from ._checkpoints import load_vae_file
+
+        model = replace(model, vae=load_vae_file(vae, model.vae.config))
+    return model
+
+
+def build_preset(name: str, *, seed: int = 0) -> StableDiffusion:
+    """A model with random weights drawn from ``seed``, on the CPU in float32, in eval mode."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    family = PRESETS[name]
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .tokenizer import load_tokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel.from_config(_model_config(family, "unet"))
+        vae = AutoencoderKL.from_config(_model_config(family, "vae"))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**load_config(family, "text_encoder")))
+        _like_a_trained_final_norm(text_encoder)
+    return StableDiffusion(
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=load_tokenizer(),
+        scheduler=DDPMScheduler.from_config(_model_config(family, "scheduler")),
+        source=f"preset {name}",
+    )
+
+
+def _model_config(family: str, component: str) -> dict[str, Any]:
+    config = load_config(family, component)
+    config.pop("_class_name", None)
+    return config
+
+
+@torch.no_grad()
+def _like_a_trained_final_norm(text_encoder: CLIPTextModel) -> None:
+    # A fresh final LayerNorm (weight 1, bias 0) centres every token's vector on zero, so the
+    # mean that "original" emphasis restores would be about 0/0; trained encoders' are not.
+    norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm  # transformers 4 nests it
+    norm.weight.normal_(1.0, 0.2)
+    norm.bias.normal_(0.0, 0.5)
