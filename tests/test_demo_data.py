@@ -1,0 +1,43 @@
+import hashlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nai_fast.demo_data import COLORS, POSITIONS, SIZES, make_demo_dataset
+from nai_fast.scan import scan
+
+
+def digest(folder):
+    return hashlib.sha256(b"".join(path.read_bytes() for path in sorted(folder.iterdir()))).hexdigest()
+
+
+def test_same_seed_same_files(tmp_path):
+    assert digest(make_demo_dataset(tmp_path / "a", 6, seed=3)) == digest(make_demo_dataset(tmp_path / "b", 6, seed=3))
+    assert digest(make_demo_dataset(tmp_path / "c", 6, seed=4)) != digest(tmp_path / "a")
+
+
+def test_tags_describe_the_pixels(tmp_path):
+    folder = make_demo_dataset(tmp_path, 20)
+    for tags_file in sorted(folder.glob("*.txt")):
+        color_shape, size, background, position = tags_file.read_text().strip().split(", ")
+        color, shape = color_shape.split(" ")
+        pixels = np.asarray(Image.open(tags_file.with_suffix(".png")))
+        height, width, _ = pixels.shape
+        assert (width, height) in SIZES
+        fx, fy = POSITIONS[position]
+        assert tuple(pixels[int(fy * height), int(fx * width)]) == COLORS[color], tags_file.name
+        far_corner = (height - 1 if fy < 0.5 else 0, width - 1 if fx < 0.5 else 0)
+        assert tuple(pixels[far_corner]) == COLORS[background.removesuffix(" background")], tags_file.name
+        assert size in ("large", "small") and shape in ("circle", "square", "triangle")
+
+
+def test_scan_reads_every_image_and_its_tags(tmp_path):
+    found = scan(make_demo_dataset(tmp_path, 10))
+    assert len(found.paths) == 10 and not found.skipped_counts()
+    assert {tuple(size) for size in found.sizes} <= set(SIZES)
+
+
+def test_needs_at_least_one_image(tmp_path):
+    with pytest.raises(ValueError, match="at least 1"):
+        make_demo_dataset(tmp_path, 0)
