@@ -37,7 +37,7 @@ from functools import lru_cache
 
 import pytest
 import torch
-import torch.nn.functional as F
+from baselines import WebUIProcessor
 from conftest import BASELINE, FAST, smoke_mode
 from diffusers import UNet2DConditionModel
 
@@ -112,34 +112,6 @@ def model(setup: Setup) -> tuple[UNet2DConditionModel, dict[str, object], torch.
 def hypernetwork(setup: Setup, activation: str) -> Hypernetwork:
     torch.manual_seed(1)
     return Hypernetwork(widths=setup.widths, layer_structure=(1, 2, 1), activation=activation)
-
-
-class WebUIProcessor:
-    """The web UI's way: each attention layer runs the modules on its k/v input, every step.
-
-    Otherwise diffusers' ``AttnProcessor2_0`` for the layers of SD 1.x transformer blocks
-    (3-D hidden states, no mask, no norms, no residual connection).
-    """
-
-    def __init__(self, hypernetworks: list[Hypernetwork]) -> None:
-        self.hypernetworks = hypernetworks
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        context_k = context_v = context
-        for hypernetwork in self.hypernetworks:  # the web UI's apply_hypernetworks
-            pair = hypernetwork.modules_for(context.shape[-1])
-            if pair is not None:
-                context_k, context_v = pair[0](context_k), pair[1](context_v)
-        query, key, value = attn.to_q(hidden_states), attn.to_k(context_k), attn.to_v(context_v)
-        batch_size, inner_dim = query.shape[0], key.shape[-1]
-        query, key, value = (
-            tensor.view(batch_size, -1, attn.heads, inner_dim // attn.heads).transpose(1, 2)
-            for tensor in (query, key, value)
-        )
-        hidden_states = F.scaled_dot_product_attention(query, key, value)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, inner_dim).to(query.dtype)
-        return attn.to_out[1](attn.to_out[0](hidden_states))
 
 
 def install(unet: UNet2DConditionModel, stock_processors: dict, role: str, hypernetworks: list[Hypernetwork]) -> None:

@@ -1,0 +1,35 @@
+"""The eager ways nai_fast's fast paths are measured against, shared by the suites."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from nai_fast.hypernetwork import Hypernetwork
+
+
+class WebUIProcessor:
+    """The web UI's way: each attention layer runs the modules on its k/v input, every step.
+
+    Otherwise diffusers' ``AttnProcessor2_0`` for the layers of SD 1.x transformer blocks
+    (3-D hidden states, no mask, no norms, no residual connection).
+    """
+
+    def __init__(self, hypernetworks: list[Hypernetwork]) -> None:
+        self.hypernetworks = hypernetworks
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        context_k = context_v = context
+        for hypernetwork in self.hypernetworks:  # the web UI's apply_hypernetworks
+            pair = hypernetwork.modules_for(context.shape[-1])
+            if pair is not None:
+                context_k, context_v = pair[0](context_k), pair[1](context_v)
+        query, key, value = attn.to_q(hidden_states), attn.to_k(context_k), attn.to_v(context_v)
+        batch_size, inner_dim = query.shape[0], key.shape[-1]
+        query, key, value = (
+            tensor.view(batch_size, -1, attn.heads, inner_dim // attn.heads).transpose(1, 2)
+            for tensor in (query, key, value)
+        )
+        hidden_states = F.scaled_dot_product_attention(query, key, value)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, inner_dim).to(query.dtype)
+        return attn.to_out[1](attn.to_out[0](hidden_states))
