@@ -42,7 +42,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import pickle
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -53,6 +52,8 @@ import safetensors
 import safetensors.torch
 import torch
 from torch import Tensor, nn
+
+from .safe_load import load_weights_only
 
 __all__ = [
     "ACTIVATIONS",
@@ -516,32 +517,7 @@ def _read_file(path: Path) -> _FileContents:
     # safetensors: a little-endian u64 header length, then the JSON header.
     if len(head) == 9 and head[8:9] == b"{":
         return _read_safetensors(path)
-    return _read_checkpoint(_torch_load(path))
-
-
-def _torch_load(path: Path) -> object:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        # The weights-only unpickler names any global it would have had to import and call.
-        needed = re.search(r"GLOBAL\s+([\w.]+)", str(error))
-        if needed:
-            raise ValueError(
-                f"refused: loading this file needs arbitrary code execution (it references {needed[1]}); "
-                "it was not unpickled. Convert it from a trusted copy."
-            ) from error
-        raise ValueError(
-            f"refused by the weights-only unpickler (corrupt, or pickled with features it does not allow): "
-            f"{_reason(error)}"
-        ) from error
-    except Exception as error:  # torch reports other bad input with assorted exception types
-        raise ValueError(f"truncated, corrupt or not a checkpoint: {_reason(error)}") from error
-
-
-def _reason(error: Exception) -> str:
-    """The specific part of a loader's error, without torch's generic advice."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip() and "documentation" not in line]
-    return f"{type(error).__name__}: {lines[-1] if lines else 'no details'}"
+    return _read_checkpoint(load_weights_only(path))
 
 
 def _read_checkpoint(checkpoint: object) -> _FileContents:

@@ -9,6 +9,9 @@ tokenizer and training noise schedule, from
 - a diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``...);
 - a single ``.safetensors`` / ``.ckpt`` checkpoint in the original (CompVis / web UI) layout.
 
+:func:`save_single_file` writes the original layout. The file formats live in
+``_checkpoints.py``; every unloadable path raises :class:`ModelFileError`.
+
 The configs come from the package (``nai_fast/configs``), never from the network.
 diffusers and transformers are imported when a model is built, not with this module.
 """
@@ -27,10 +30,26 @@ if TYPE_CHECKING:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, PreTrainedTokenizerBase
 
-__all__ = ["PRESETS", "StableDiffusion", "build_preset", "load_model"]
+__all__ = [
+    "PREDICTION_TYPES",
+    "PRESETS",
+    "ModelFileError",
+    "StableDiffusion",
+    "build_preset",
+    "load_model",
+    "save_single_file",
+]
 
 # preset name -> the shipped config family it is built from
 PRESETS = {"tiny": "tiny", "sd15": "sd1"}
+# What an SD 1.x U-Net may be trained to predict (the scheduler's prediction_type).
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+class ModelFileError(ValueError):
+    """A model or VAE path that cannot be loaded: missing, malformed, unsafe to unpickle, or
+    holding another architecture or other weights than its config needs. The message names
+    the path and the reason."""
 
 
 @dataclass(frozen=True)
@@ -77,23 +96,46 @@ class StableDiffusion:
         return replace(self, scheduler=scheduler)
 
 
-def load_model(source: str | os.PathLike[str], *, vae: str | os.PathLike[str] | None = None, seed: int = 0) -> StableDiffusion:
+def load_model(
+    source: str | os.PathLike[str],
+    *,
+    vae: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    prediction_type: str | None = None,
+) -> StableDiffusion:
     """The model a preset name or a path names (see the module doc).
 
     ``vae``: a separate VAE file (``.vae.pt``, ``.safetensors``) replacing the model's own.
     ``seed`` draws a preset's random weights.
+    ``prediction_type``: ``"epsilon"`` or ``"v_prediction"``, overriding the source's. SD 1.x
+    weights do not tell which they predict, so a single file means ``"epsilon"`` unless told.
+
+    Raises:
+        ModelFileError: a path that cannot be loaded (the message says why).
     """
+    _check_prediction_type(prediction_type)
     if str(source) in PRESETS:
         model = build_preset(str(source), seed=seed)
+        if prediction_type is not None:
+            schedule = type(model.scheduler).from_config(model.scheduler.config, prediction_type=prediction_type)
+            model = model.with_scheduler(schedule)
     else:
         from ._checkpoints import load_from_path  # the file formats, kept apart
 
-        model = load_from_path(source)
+        model = load_from_path(source, prediction_type=prediction_type)
     if vae is not None:
         from ._checkpoints import load_vae_file
 
         model = replace(model, vae=load_vae_file(vae, model.vae.config))
     return model
+
+
+def save_single_file(model: StableDiffusion, path: str | os.PathLike[str]) -> None:
+    """Write ``model`` as one ``.safetensors`` or ``.ckpt`` checkpoint in the original
+    (CompVis / web UI) layout, which ``load_model`` and the web UI read. Written atomically."""
+    from ._checkpoints import save_single_file as save
+
+    save(model, path)
 
 
 def build_preset(name: str, *, seed: int = 0) -> StableDiffusion:
@@ -120,6 +162,11 @@ def build_preset(name: str, *, seed: int = 0) -> StableDiffusion:
         scheduler=DDPMScheduler.from_config(_model_config(family, "scheduler")),
         source=f"preset {name}",
     )
+
+
+def _check_prediction_type(prediction_type: str | None) -> None:
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
 def _model_config(family: str, component: str) -> dict[str, Any]:

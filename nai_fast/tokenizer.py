@@ -43,13 +43,14 @@ BOS_TOKEN: Final = "<|startoftext|>"
 EOS_TOKEN: Final = "<|endoftext|>"
 MODEL_MAX_LENGTH: Final = 77
 TOKENIZER_FILES: Final = ("vocab.json", "merges.txt")
+SERIALIZED_TOKENIZER_FILE: Final = "tokenizer.json"  # what transformers 5's save_pretrained writes
 
 
 def load_tokenizer(path: str | os.PathLike[str] | None = None) -> PreTrainedTokenizerBase:
     """The SD 1.x CLIP tokenizer, without network access.
 
     ``path``: a model folder with a ``tokenizer/`` subfolder (diffusers layout) or a
-    tokenizer folder holding ``vocab.json`` and ``merges.txt``. ``None``: the real CLIP
+    tokenizer folder holding ``vocab.json`` and ``merges.txt`` (or ``tokenizer.json``). ``None``: the real CLIP
     vocabulary, built once into the cache from the installed ``openai-clip`` package.
     ``model_max_length`` is always 77 (the text encoder's positions), and the pad token is
     ``<|endoftext|>`` unless the folder's own config says otherwise.
@@ -132,11 +133,12 @@ def _tokenizer_folder(path: Path) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer path {path} is not an existing folder")
     for candidate in (path / "tokenizer", path):
-        if _has_tokenizer_files(candidate):
+        # Hub folders hold vocab.json and merges.txt; transformers 5 saves tokenizer.json alone.
+        if _has_tokenizer_files(candidate) or (candidate / SERIALIZED_TOKENIZER_FILE).is_file():
             return candidate
     raise FileNotFoundError(
-        f"no CLIP tokenizer in {path}: expected {' and '.join(TOKENIZER_FILES)} "
-        f"in {path / 'tokenizer'} (diffusers layout) or in {path} itself"
+        f"no CLIP tokenizer in {path}: expected {' and '.join(TOKENIZER_FILES)}, or "
+        f"{SERIALIZED_TOKENIZER_FILE}, in {path / 'tokenizer'} (diffusers layout) or in {path} itself"
     )
 
 
