@@ -50,8 +50,9 @@ def load_tokenizer(path: str | os.PathLike[str] | None = None) -> PreTrainedToke
     """The SD 1.x CLIP tokenizer, without network access.
 
     ``path``: a model folder with a ``tokenizer/`` subfolder (diffusers layout) or a
-    tokenizer folder holding ``vocab.json`` and ``merges.txt`` (or ``tokenizer.json``). ``None``: the real CLIP
-    vocabulary, built once into the cache from the installed ``openai-clip`` package.
+    tokenizer folder holding ``vocab.json`` and ``merges.txt`` (or ``tokenizer.json``).
+    ``None``: the real CLIP vocabulary, built once into the cache from the installed
+    ``openai-clip`` package.
     ``model_max_length`` is always 77 (the text encoder's positions), and the pad token is
     ``<|endoftext|>`` unless the folder's own config says otherwise.
     """
