@@ -357,7 +357,7 @@ def test_unsupported_inputs_are_explained():
 
 def test_auto_mode_on_cuda_falls_back_with_a_logged_reason(monkeypatch, caplog):
     monkeypatch.setenv(kernels.ENV_VAR, "auto")
-    cuda_tensor = SimpleNamespace(is_cuda=True)
+    cuda_tensor = SimpleNamespace(device=torch.device("cuda"))
 
     def module(reasons):
         return SimpleNamespace(an_op="triton", an_op_reference="reference", not_supported_reasons=lambda _: reasons)

@@ -28,17 +28,23 @@ import torch
 
 from . import chunk_concat as _chunk_concat_module
 from . import cross_attention as _cross_attention_module
+from . import hyper_kv as _hyper_kv_module
 from .chunk_concat import chunk_concat_reference
 from .cross_attention import cross_attention_reference
+from .hyper_kv import MLP, hyper_kv_reference
 
 __all__ = [
     "ENV_VAR",
+    "MLP",
     "MODES",
     "chunk_concat",
     "chunk_concat_reference",
     "cross_attention",
     "cross_attention_reference",
+    "hyper_kv",
+    "hyper_kv_reference",
     "kernel_mode",
+    "kernels_requested",
 ]
 
 ENV_VAR = "NAI_FAST_KERNELS"
@@ -56,17 +62,26 @@ def kernel_mode() -> str:
     return mode
 
 
+def kernels_requested(device: torch.device) -> bool:
+    """Whether ``NAI_FAST_KERNELS`` asks for the Triton kernels on tensors on ``device``.
+
+    Callers with a faster eager path of their own than an op's reference (PyTorch SDPA
+    for attention) ask this first and take their own path where it is false.
+    """
+    mode = kernel_mode()
+    return mode == "triton" or (mode == "auto" and device.type == "cuda")
+
+
 def _implementation(module: ModuleType, op_name: str, *inputs: torch.Tensor) -> Callable[..., torch.Tensor]:
     """``module``'s Triton op or its ``<op>_reference``, as ``NAI_FAST_KERNELS`` and the
     inputs (the first one's device, ``module.not_supported_reasons(*inputs)``) decide."""
     reference = getattr(module, f"{op_name}_reference")
-    mode = kernel_mode()
-    if mode == "reference" or (mode == "auto" and not inputs[0].is_cuda):
+    if not kernels_requested(inputs[0].device):
         return reference
     reasons = "; ".join(module.not_supported_reasons(*inputs))
     if not reasons:
         return getattr(module, op_name)
-    if mode == "triton":
+    if kernel_mode() == "triton":
         raise RuntimeError(f"{ENV_VAR}=triton, but Triton cannot run {op_name} here: {reasons}")
     _log_fallback(op_name, reasons)
     return reference
@@ -97,11 +112,38 @@ def chunk_concat(
 
 
 def cross_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention of many queries to a short key set (the prompt), SDPA's layout, no mask.
+    """Attention of many queries to a short key set (the prompt), SDPA's layout, with an
+    optional bool ``(batch, Lk)`` key padding mask (True: the key takes part).
 
     Dispatches to the Triton op or :func:`cross_attention_reference`, which defines it and
     documents the arguments.
     """
-    return _implementation(_cross_attention_module, "cross_attention", q, k, v)(q, k, v, scale)
+    op = _implementation(_cross_attention_module, "cross_attention", q, k, v)
+    return op(q, k, v, scale, key_padding_mask=key_padding_mask)
+
+
+def hyper_kv(
+    x: torch.Tensor,
+    k_weight: torch.Tensor,
+    v_weight: torch.Tensor,
+    k_mlp: MLP,
+    v_mlp: MLP,
+    activation: str,
+    strength: float = 1.0,
+    k_bias: torch.Tensor | None = None,
+    v_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of an attention layer whose k/v input a two-Linear hypernetwork rewrites.
+
+    Dispatches to the Triton op or :func:`hyper_kv_reference`, which defines it and documents
+    the arguments.
+    """
+    op = _implementation(_hyper_kv_module, "hyper_kv", x, k_weight, v_weight, k_mlp, v_mlp)
+    return op(x, k_weight, v_weight, k_mlp, v_mlp, activation, strength, k_bias, v_bias)

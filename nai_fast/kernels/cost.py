@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_leaves
 
 from .chunk_concat import LaunchConfig
 from .cross_attention import LaunchConfig as CrossAttentionLaunchConfig
+from .hyper_kv import LaunchConfig as HyperKVLaunchConfig
 
 __all__ = [
     "A100",
@@ -34,6 +35,7 @@ __all__ = [
     "Device",
     "chunk_concat_cost",
     "cross_attention_cost",
+    "hyper_kv_cost",
     "measure_eager",
 ]
 
@@ -242,47 +244,138 @@ def _chunk_concat_backward(s: _ChunkConcatShape, restore_mean: bool) -> Comparis
 
 
 # CUDA-core FLOPs per attention score: the scale, the running max, the subtraction, the
-# exponential, the sum.
+# exponential, the sum. Backward, recomputing P and forming dS = P (dP - delta): the scale, the
+# subtraction of the log-sum-exp, the exponential, the subtraction of delta, the product.
 _SOFTMAX_FLOPS = 5
+_SOFTMAX_BACKWARD_FLOPS = 5
 
 
 def cross_attention_cost(
-    batch: int, heads: int, query_length: int, key_length: int, head_dim: int, *, dtype_bytes: int = 2
+    batch: int,
+    heads: int,
+    query_length: int,
+    key_length: int,
+    head_dim: int,
+    *,
+    dtype_bytes: int = 2,
+    backward: bool = False,
 ) -> Comparison:
-    """Cost of :func:`nai_fast.kernels.cross_attention.cross_attention`'s forward pass.
+    """Cost of :func:`nai_fast.kernels.cross_attention.cross_attention`'s forward (or backward)
+    pass, without a key padding mask.
 
-    Matrix products count 2 FLOPs a multiply-add: 4 B H Lq Lk d for the two. The fused op
-    reads Q, K and V once (a head's K and V stay in L2 across its query blocks) and writes
-    the output and, as implemented, a float32 log-sum-exp per query row; its tensor-core work
-    covers the padded tiles. Eager materialises the Lq x Lk scores: Q K^T, the scale, the
-    softmax and the product with V each read and write them.
+    Matrix products count 2 FLOPs a multiply-add, 2 B H Lq Lk d each: two forward; backward,
+    dV = P^T dO, dP = dO V^T, dQ = dS K and dK = dS^T Q with the recomputation of S (five). A
+    head's K and V stay in L2 across the programs that read them, so they count once. Tiles as
+    implemented: queries and keys padded to the blocks, each row to main + tail columns
+    (:class:`~nai_fast.kernels.cross_attention.LaunchConfig`). Eager materialises the Lq x Lk
+    scores and every op reads and writes them (the tests check the count against
+    :func:`measure_eager`).
     """
-    heads_total = batch * heads
-    queries = heads_total * query_length * head_dim * dtype_bytes  # also the output
-    keys = heads_total * key_length * head_dim * dtype_bytes  # also the values
-    scores = heads_total * query_length * key_length
-    matmul_flops = 4 * scores * head_dim
-    minimal = Cost(2 * queries + 2 * keys, _SOFTMAX_FLOPS * scores, matmul_flops, launches=1)
+    dtype = {2: torch.float16, 4: torch.float32}[dtype_bytes]
+    shape = _AttentionShape(batch * heads, query_length, key_length, head_dim, dtype_bytes)
+    config = CrossAttentionLaunchConfig.for_head(head_dim, dtype)
+    return (_cross_attention_backward if backward else _cross_attention_forward)(shape, config)
 
-    config = CrossAttentionLaunchConfig.for_head(head_dim, {2: torch.float16, 4: torch.float32}[dtype_bytes])
-    padded_queries = -(-query_length // config.block_q) * config.block_q
-    padded_keys = -(-key_length // config.block_k) * config.block_k
-    padded_scores = heads_total * padded_queries * padded_keys
-    padded_matmul_flops = 4 * padded_scores * config.block_head
+
+@dataclass(frozen=True)
+class _AttentionShape:
+    """Sizes of cross_attention's tensors, in values and in bytes of one pass over each."""
+
+    heads: int  # batch x heads
+    query_length: int
+    key_length: int
+    head_dim: int
+    dtype_bytes: int
+
+    @property
+    def queries(self) -> int:  # also the output, their gradients
+        return self.heads * self.query_length * self.head_dim * self.dtype_bytes
+
+    @property
+    def keys(self) -> int:  # also the values, their gradients
+        return self.heads * self.key_length * self.head_dim * self.dtype_bytes
+
+    @property
+    def row_values(self) -> int:  # a float32 per query row: the log-sum-exp, delta
+        return 4 * self.heads * self.query_length
+
+    @property
+    def scores(self) -> int:
+        return self.heads * self.query_length * self.key_length
+
+    def padded_scores(self, block_q: int, block_k: int) -> int:
+        """Scores the kernels compute with queries and keys padded to their blocks."""
+        return self.heads * -(-self.query_length // block_q) * block_q * -(-self.key_length // block_k) * block_k
+
+
+def _implemented(matmul_flops: float, vector_flops: float, dtype_bytes: int, **cost) -> Cost:
+    """A kernel launch whose matrix products run on tensor cores, except in float32."""
     on_tensor_cores = dtype_bytes != 4  # float32 products run on CUDA cores
-    implemented = Cost(
-        bytes=2 * queries + 2 * keys + 4 * heads_total * query_length,
-        flops=_SOFTMAX_FLOPS * padded_scores + (0 if on_tensor_cores else padded_matmul_flops),
-        tensor_flops=padded_matmul_flops if on_tensor_cores else 0,
+    return Cost(
+        flops=vector_flops + (0 if on_tensor_cores else matmul_flops),
+        tensor_flops=matmul_flops if on_tensor_cores else 0,
+        launches=1,
+        **cost,
+    )
+
+
+def _cross_attention_forward(s: _AttentionShape, config) -> Comparison:
+    matmul_flops = 4 * s.scores * s.head_dim
+    minimal = Cost(2 * s.queries + 2 * s.keys, _SOFTMAX_FLOPS * s.scores, matmul_flops, launches=1)
+
+    padded = s.padded_scores(config.block_q, config.block_k)
+    implemented = _implemented(
+        4 * padded * config.tile_dim, _SOFTMAX_FLOPS * padded, s.dtype_bytes,
+        bytes=2 * s.queries + 2 * s.keys + s.row_values,
+    )  # fmt: skip
+
+    score_bytes = s.scores * s.dtype_bytes
+    eager = Cost(tensor_flops=matmul_flops)
+    eager += _op(s.queries + s.keys, score_bytes)  # Q K^T
+    eager += _op(score_bytes, score_bytes, s.scores)  # the scale
+    eager += _op(score_bytes, score_bytes, (_SOFTMAX_FLOPS - 1) * s.scores)  # the softmax
+    eager += _op(score_bytes + s.keys, s.queries)  # times V
+    return Comparison(minimal, implemented, eager)
+
+
+def _cross_attention_backward(s: _AttentionShape, config) -> Comparison:
+    matmul_flops = 2 * s.scores * s.head_dim  # one product
+    delta_flops = 2 * s.queries / s.dtype_bytes  # rowsum(dO * O)
+    # At the floor one kernel reads Q, K, V, O, dO and the log-sum-exp once and writes the
+    # gradients, recomputing P once (FlashAttention-2's backward, with dQ accumulated on chip).
+    minimal = Cost(
+        bytes=4 * s.queries + 4 * s.keys + s.row_values,
+        flops=_SOFTMAX_BACKWARD_FLOPS * s.scores + delta_flops,
+        tensor_flops=5 * matmul_flops,
         launches=1,
     )
 
-    score_bytes = scores * dtype_bytes
-    eager = Cost(tensor_flops=matmul_flops)
-    eager += _op(queries + keys, score_bytes)  # Q K^T
-    eager += _op(score_bytes, score_bytes, scores)  # the scale
-    eager += _op(score_bytes, score_bytes, (_SOFTMAX_FLOPS - 1) * scores)  # the softmax
-    eager += _op(score_bytes + keys, queries)  # times V
+    # dQ: per query block, Q, dO, O and the log-sum-exp in, delta and dQ out; S and dP recomputed.
+    padded = s.padded_scores(config.block_q, config.block_k)
+    implemented = _implemented(
+        3 * 2 * padded * config.tile_dim, _SOFTMAX_BACKWARD_FLOPS * padded + delta_flops, s.dtype_bytes,
+        bytes=3 * s.queries + s.row_values + 2 * s.keys + s.row_values + s.queries,
+    )  # fmt: skip
+    # dK/dV: each key block reads all of its head's Q, dO, log-sum-exp and delta (adjacent
+    # programs share a head, so part of it comes from L2: an upper bound), recomputes S and dP.
+    key_blocks = -(-s.key_length // config.block_k)
+    padded = s.padded_scores(config.key_block_q, config.block_k)
+    implemented += _implemented(
+        4 * 2 * padded * config.tile_dim, _SOFTMAX_BACKWARD_FLOPS * padded, s.dtype_bytes,
+        bytes=key_blocks * (2 * s.queries + 2 * s.row_values) + 2 * s.keys + 2 * s.keys,
+    )  # fmt: skip
+
+    # Eager: autograd through cross_attention_reference, op by op.
+    score_bytes = s.scores * s.dtype_bytes
+    eager = Cost(tensor_flops=4 * matmul_flops)
+    eager += _op(score_bytes + s.queries, s.keys)  # dV = P^T dO
+    eager += _op(s.queries + s.keys, score_bytes)  # dP = dO V^T
+    eager += _op(2 * score_bytes, score_bytes, (_SOFTMAX_BACKWARD_FLOPS - 1) * s.scores)  # softmax's
+    eager += _op(score_bytes, score_bytes, s.scores)  # the scale's
+    eager += _op(score_bytes + s.queries, s.keys)  # dK^T = dS^T Q, as a (d, Lk) matrix
+    eager += _op(score_bytes + s.keys, s.queries)  # dQ = dS K
+    # dK^T laid out as K: an allocation and a copy, counted as measure_eager counts them.
+    eager += _op(writes=s.keys) + _op(2 * s.keys, s.keys)
     return Comparison(minimal, implemented, eager)
 
 
@@ -319,3 +412,185 @@ def _distinct_bytes(value: Any) -> int:
     if not isinstance(value, torch.Tensor):
         return 0
     return math.prod(size for size, stride in zip(value.shape, value.stride()) if stride != 0) * value.element_size()
+
+
+# -- hyper_kv -----------------------------------------------------------------------------------
+
+# CUDA-core FLOPs per hidden value: the first Linear's bias and the activation (counted as one,
+# whatever it is: the tensor work dwarfs it); per residual value, the strength and the sum.
+_HIDDEN_EPILOGUE_FLOPS = 2
+_RESIDUAL_FLOPS = 2
+
+
+@dataclass(frozen=True)
+class _HyperKVShape:
+    """Sizes of hyper_kv's tensors for one of its two nets, in bytes of one pass over each."""
+
+    tokens: int
+    width: int
+    hidden_width: int
+    out_width: int
+    dtype_bytes: int
+
+    @property
+    def x(self) -> int:  # also net(x), s net(x), the residual sum and their gradients
+        return self.tokens * self.width * self.dtype_bytes
+
+    @property
+    def hidden(self) -> int:  # pre-activations, h, and their gradients
+        return self.tokens * self.hidden_width * self.dtype_bytes
+
+    @property
+    def out(self) -> int:  # K or V, and its gradient
+        return self.tokens * self.out_width * self.dtype_bytes
+
+    @property
+    def projection(self) -> int:  # Wk or Wv
+        return self.out_width * self.width * self.dtype_bytes
+
+    @property
+    def linear(self) -> int:  # W1 or W2 (and dW1, dW2)
+        return self.hidden_width * self.width * self.dtype_bytes
+
+    @property
+    def folded(self) -> int:  # G = s Wk W2
+        return self.out_width * self.hidden_width * self.dtype_bytes
+
+    @property
+    def net_flops(self) -> int:  # tensor FLOPs of the two Linears and the projection
+        return 2 * self.tokens * (2 * self.width * self.hidden_width + self.width * self.out_width)
+
+
+def hyper_kv_cost(
+    tokens: int,
+    width: int,
+    hidden_width: int | None = None,
+    out_width: int | None = None,
+    *,
+    dtype_bytes: int = 2,
+    activation: str = "relu",
+    backward: bool = False,
+    input_grad: bool = True,
+) -> Comparison:
+    """Cost of :func:`nai_fast.kernels.hyper_kv.hyper_kv`'s forward (or backward) pass.
+
+    ``tokens`` rows of ``width`` values feed two nets of ``hidden_width`` (default ``2 *
+    width``) hidden units and two projections to ``out_width`` (default ``width``), without
+    projection biases; ``dtype_bytes``-byte floats throughout. The backward pass gives every
+    hypernetwork parameter its gradient, and ``x`` its own with ``input_grad`` (it has one in
+    self-attention, where x is the U-Net's hidden states), never the projections (frozen in
+    hypernetwork training). Eager: the reference op by op (the tests check it against
+    :func:`measure_eager`); ``activation="linear"`` launches no activation.
+
+    The floor reads x and the parameters once and writes K and V; no hidden value reaches
+    memory. As implemented, h is written and read once a pass (dpre once backward), the fold
+    (G = s Wk W2, c = s Wk b2) costs its products every call, and tensor FLOPs cover the
+    padded tiles.
+    """
+    shape = _HyperKVShape(tokens, width, hidden_width or 2 * width, out_width or width, dtype_bytes)
+    dtype = {2: torch.float16, 4: torch.float32}[dtype_bytes]
+    on_tensor_cores = dtype_bytes != 4  # float32 products run on CUDA cores in the kernels
+    model = _hyper_kv_backward if backward else _hyper_kv_forward
+    minimal, implemented, eager = model(shape, dtype, activation != "linear", input_grad)
+    if not on_tensor_cores:
+        implemented = Cost(implemented.bytes, implemented.flops + implemented.tensor_flops, 0, implemented.launches)
+    return Comparison(minimal, implemented, eager)
+
+
+def _padded_tensor_flops(config, rows: int, cols: int, *depths: int) -> int:
+    """2 x rows x cols x depth as a kernel's tiles compute it: whole tiles and depth steps."""
+
+    def padded(size: int, block: int) -> int:
+        return -(-size // block) * block
+
+    depth = sum(padded(size, config.block_depth) for size in depths)
+    return 2 * padded(rows, config.block_rows) * padded(cols, config.block_cols) * depth
+
+
+def _hyper_kv_forward(s: _HyperKVShape, dtype: torch.dtype, activates: bool, _) -> tuple[Cost, Cost, Cost]:
+    parameters = s.projection + 2 * s.linear + (s.hidden_width + s.width) * s.dtype_bytes  # Wk, W1, W2, b1, b2
+    hidden_flops = _HIDDEN_EPILOGUE_FLOPS * s.tokens * s.hidden_width
+    minimal = Cost(s.x + 2 * (parameters + s.out), 2 * hidden_flops, 2 * s.net_flops, launches=1)
+
+    config = HyperKVLaunchConfig.for_dtype(dtype)
+    folded_bias = s.out_width * s.dtype_bytes
+    implemented = Cost()
+    for _net in range(2):
+        fold = _op(writes=s.dtype_bytes)  # the zero the fold adds where there is no projection bias
+        fold += _op(s.projection + s.linear, s.folded) + _op(s.projection + s.width * s.dtype_bytes, folded_bias)
+        fold += Cost(flops=2 * s.out_width * s.width, tensor_flops=2 * s.out_width * s.width * s.hidden_width)
+        hidden = _op(s.x + s.linear + s.hidden_width * s.dtype_bytes, s.hidden, hidden_flops)
+        hidden += Cost(tensor_flops=_padded_tensor_flops(config, s.tokens, s.hidden_width, s.width))
+        projection = _op(s.x + s.hidden + s.projection + s.folded + folded_bias, s.out)
+        projection += Cost(tensor_flops=_padded_tensor_flops(config, s.tokens, s.out_width, s.width, s.hidden_width))
+        implemented += fold + hidden + projection
+
+    # Eager, per net: Linear, activation, Linear, times s, plus x, projection.
+    eager = Cost()
+    for _net in range(2):
+        eager += _op(s.x + s.linear + s.hidden_width * s.dtype_bytes, s.hidden)
+        if activates:
+            eager += _op(s.hidden, s.hidden, s.tokens * s.hidden_width)
+        eager += _op(s.hidden + s.linear + s.width * s.dtype_bytes, s.x)
+        eager += _op(s.x, s.x, s.tokens * s.width) + _op(2 * s.x, s.x, s.tokens * s.width)
+        eager += _op(s.x + s.projection, s.out) + Cost(tensor_flops=s.net_flops)
+    return minimal, implemented, eager
+
+
+def _hyper_kv_backward(s: _HyperKVShape, dtype: torch.dtype, activates: bool, input_grad: bool) -> tuple[Cost, Cost, Cost]:
+    # Per net: the gradient of h, and of pre (the activation's slope), and of every parameter:
+    # tensor work of the forward's three products (dh; dW1, dW2; dx through both paths), less
+    # the projection's own weight gradient.
+    biases = (s.hidden_width + s.width) * s.dtype_bytes  # b1, b2 or their gradients
+    parameters = s.projection + 2 * s.linear + biases
+    backward_tensor_flops = 2 * s.tokens * (
+        s.out_width * s.width  # dr = dK Wk
+        + 2 * s.width * s.hidden_width  # dh = s dr W2, and dW2 (as dG = dK^T h, folded back)
+        + s.width * s.hidden_width  # dW1
+        + (s.width * s.hidden_width if input_grad else 0)  # dx's path through W1
+    )
+    hidden_flops = 2 * _HIDDEN_EPILOGUE_FLOPS * s.tokens * s.hidden_width  # the activation and its slope
+    grad_x = s.x if input_grad else 0
+    minimal = Cost(
+        s.x + 2 * (s.out + parameters + 2 * s.linear + biases) + grad_x,
+        2 * hidden_flops,
+        2 * backward_tensor_flops + 2 * 2 * s.tokens * s.width * s.hidden_width,  # the pre-activations again
+        launches=1,
+    )
+
+    config = HyperKVLaunchConfig.for_dtype(dtype, backward=True)
+    net_tensor_flops = 2 * s.tokens * s.width * s.hidden_width  # one product of x's or h's size
+    implemented = Cost()
+    for _net in range(2):
+        implemented += _op(s.out + s.projection, s.x) + Cost(tensor_flops=2 * s.tokens * s.out_width * s.width)  # dr
+        implemented += _op(s.x + s.hidden, s.linear) + _op(s.linear, s.linear, s.width * s.hidden_width)  # dW2
+        implemented += _op(s.x, s.width * s.dtype_bytes, s.tokens * s.width) + _op(  # db2
+            s.width * s.dtype_bytes, s.width * s.dtype_bytes, s.width
+        )
+        implemented += _op(2 * s.x + 2 * s.linear + s.hidden_width * s.dtype_bytes, s.hidden, hidden_flops)
+        implemented += Cost(tensor_flops=_padded_tensor_flops(config, s.tokens, s.hidden_width, s.width, s.width))
+        implemented += _op(s.hidden + s.x, s.linear)  # dW1
+        implemented += _op(s.hidden, s.hidden_width * s.dtype_bytes, s.tokens * s.hidden_width)  # db1
+        implemented += Cost(tensor_flops=(3 if input_grad else 2) * net_tensor_flops)  # dW2, dW1 (dx)
+        if input_grad:  # dx = dr + dpre W1, in place
+            implemented += _op(s.x + s.hidden + s.linear, s.x)
+    if input_grad:
+        implemented += _op(2 * s.x, s.x, s.tokens * s.width)  # dx of K's net plus dx of V's
+
+    # Eager: autograd through hyper_kv_reference, op by op.
+    eager = Cost()
+    for _net in range(2):
+        eager += _op(s.out + s.projection, s.x) + Cost(tensor_flops=2 * s.tokens * s.out_width * s.width)  # dr
+        eager += _op(s.x, s.x, s.tokens * s.width)  # times s
+        eager += _op(s.x + s.linear, s.hidden) + _op(s.x + s.hidden, s.linear) + _op(s.x, s.width * s.dtype_bytes)
+        eager += Cost(tensor_flops=2 * 2 * s.tokens * s.width * s.hidden_width, flops=s.tokens * s.width)
+        if activates:
+            eager += _op(2 * s.hidden, s.hidden, s.tokens * s.hidden_width)
+        if input_grad:
+            eager += _op(s.hidden + s.linear, s.x) + Cost(tensor_flops=2 * s.tokens * s.width * s.hidden_width)
+        eager += _op(s.hidden + s.x, s.linear) + _op(s.hidden, s.hidden_width * s.dtype_bytes)
+        eager += Cost(tensor_flops=2 * s.tokens * s.width * s.hidden_width, flops=s.tokens * s.hidden_width)
+    if input_grad:  # x feeds four ops: three sums of its gradients
+        for _sum in range(3):
+            eager += _op(2 * s.x, s.x, s.tokens * s.width)
+    return minimal, implemented, eager

@@ -1,0 +1,179 @@
+"""cross_attention at SD 1.x shapes: our kernels against eager, SDPA's backends and xformers.
+
+Shapes: the cross-attention layers of SD 1.x at 512 x 512 and 512 x 768, batch 2 (prompt and
+negative, classifier-free guidance), 8 heads; Lq 4096/1024/256/64 (resp. 6144/1536/384/96)
+queries at head dims 40/80/160/160; Lk 77, 154, 231 keys (1 to 3 prompt chunks).
+
+On a GPU (float16), forward and forward+backward of every provider are timed the way
+``triton.testing.do_bench`` does (warm-up, then the median of CUDA-event timings), rotating
+through input sets larger than L2 so no call finds its inputs cached; reported as TFLOP/s
+(the op's minimal FLOPs) and as the fraction of the roofline floor the run reaches. Without a
+GPU, it times the eager reference on the CPU and reports the cost model's predictions: bytes
+and launches fused versus eager, A100 and H100 floors, forward and backward.
+
+    pytest benchmarks/bench_cross_attention.py                          # full
+    pytest benchmarks/bench_cross_attention.py --benchmark-disable      # smoke: once, small
+"""
+
+from __future__ import annotations
+
+import importlib
+import statistics
+from collections.abc import Callable
+
+import pytest
+import torch
+from conftest import BASELINE, smoke_mode
+
+from nai_fast.kernels.cost import A100, DEVICES, H100_SXM, Device, cross_attention_cost
+from nai_fast.kernels.cross_attention import cross_attention_reference
+
+BATCH, HEADS = 2, 8
+KEY_LENGTHS = (77, 154, 231)
+# (Lq, head_dim) of the cross-attention layers: down/up blocks by depth, then the mid block.
+LAYERS = {"512x512": [(4096, 40), (1024, 80), (256, 160), (64, 160)],
+          "512x768": [(6144, 40), (1536, 80), (384, 160), (96, 160)]}  # fmt: skip
+FULL = [(query_length, key_length, head_dim) for layers in LAYERS.values()
+        for query_length, head_dim in layers for key_length in KEY_LENGTHS]  # fmt: skip
+SMOKE = [(256, 77, 40)]
+L2_BYTES = 64 << 20  # more than an H100's 50 MB: rotated input sets never hit in L2
+
+
+def pytest_generate_tests(metafunc):
+    if "shape" in metafunc.fixturenames:
+        shapes = SMOKE if smoke_mode(metafunc.config) else FULL
+        metafunc.parametrize("shape", shapes, ids=[f"Lq{lq}-Lk{lk}-D{d}" for lq, lk, d in shapes])
+
+
+def describe(shape) -> str:
+    query_length, key_length, head_dim = shape
+    return f"B={BATCH} H={HEADS} Lq={query_length} Lk={key_length} d={head_dim}"
+
+
+# -- CPU: the eager reference, and what the cost model predicts for GPUs ----------------------
+
+
+def test_reference_and_predictions(timed, benchmark, note, shape):
+    """Times eager forward+backward on this machine (float32); notes float16 GPU predictions."""
+    query_length, key_length, head_dim = shape
+    q = torch.randn(BATCH, HEADS, query_length, head_dim, requires_grad=True)
+    k, v = (torch.randn(BATCH, HEADS, key_length, head_dim, requires_grad=True) for _ in "kv")
+    grad_out = torch.randn_like(q)
+
+    def forward_backward():
+        output = cross_attention_reference(q, k, v)
+        output.backward(grad_out)
+        return output
+
+    output = timed(f"cross_attention fwd+bwd {describe(shape)} (CPU)", BASELINE, forward_backward)
+    assert torch.isfinite(output).all() and torch.isfinite(q.grad).all()
+
+    for name, backward in (("forward", False), ("backward", True)):
+        cost = cross_attention_cost(BATCH, HEADS, query_length, key_length, head_dim, backward=backward)
+        floors = []
+        for device in DEVICES:
+            fused, eager = cost.implemented.time_floor(device) * 1e6, cost.eager.time_floor(device) * 1e6
+            minimal = cost.minimal.time_floor(device) * 1e6
+            benchmark.extra_info[f"{name}_{device.name}_floor_us"] = dict(minimal=minimal, fused=fused, eager=eager)
+            floors.append(f"{device.name} {minimal:.1f}/{fused:.1f}/{eager:.1f} us ({cost.predicted_speedup(device):.1f}x)")
+        note(
+            f"cross_attention {name} {describe(shape)} fp16 model: {cost.implemented.bytes / 1e6:.1f} vs "
+            f"{cost.eager.bytes / 1e6:.1f} MB ({cost.byte_ratio():.1f}x), {cost.implemented.launches} vs "
+            f"{cost.eager.launches} launches; floors minimal/fused/eager: " + ", ".join(floors)
+        )
+
+
+# -- GPU: every provider, timed with CUDA events ---------------------------------------------
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def sdpa_backend(backend_name: str) -> Callable:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, backend_name)
+
+    def attend(q, k, v):
+        with sdpa_kernel(backend):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    return attend
+
+
+def xformers_attention(q, k, v):
+    import xformers.ops  # (batch, length, heads, head_dim)
+
+    output = xformers.ops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return output.transpose(1, 2)
+
+
+def providers() -> dict[str, Callable]:
+    found = {
+        "nai_fast": importlib.import_module("nai_fast.kernels.cross_attention").cross_attention,
+        "eager": cross_attention_reference,
+        **{f"sdpa_{name.lower()}": sdpa_backend(name) for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")},
+    }
+    if importlib.util.find_spec("xformers") is not None:
+        found["xformers"] = xformers_attention
+    return found
+
+
+def median_cuda_ms(fn: Callable[[int], object], rotations: int, warmup: int, repeats: int) -> float:
+    """Median milliseconds of ``fn(i)`` over CUDA events, cycling i through the input sets."""
+    for i in range(warmup):
+        fn(i % rotations)
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    for i, (start, end) in enumerate(events):
+        start.record()
+        fn(i % rotations)
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def roofline_device() -> Device | None:
+    name = torch.cuda.get_device_name()
+    return next((device for device in (H100_SXM, A100) if device.name.split()[0] in name), None)
+
+
+@requires_cuda
+@pytest.mark.parametrize("passes", ["forward", "forward+backward"])
+def test_gpu_providers(shape, passes, smoke, note, benchmark):
+    query_length, key_length, head_dim = shape
+    dtype, training = torch.float16, passes != "forward"
+    cost = cross_attention_cost(BATCH, HEADS, query_length, key_length, head_dim)
+    minimal = cost.minimal
+    if training:
+        minimal = minimal + cross_attention_cost(BATCH, HEADS, query_length, key_length, head_dim, backward=True).minimal
+    set_bytes = cost.minimal.bytes  # q, k, v, grad_out: as many bytes as q, k, v, output
+    rotations = 1 if smoke else max(2, int(L2_BYTES // set_bytes) + 1)
+    inputs = [
+        [torch.randn(BATCH, HEADS, length, head_dim, device="cuda", dtype=dtype, requires_grad=training)
+         for length in (query_length, key_length, key_length, query_length)]
+        for _ in range(rotations)
+    ]  # fmt: skip
+    device = roofline_device()
+    floor_ms = minimal.time_floor(device) * 1e3 if device else None
+    results = {}
+    for name, attend in providers().items():
+
+        def call(i, attend=attend):
+            q, k, v, grad_out = inputs[i]
+            output = attend(q, k, v)
+            if training:
+                torch.autograd.grad(output, (q, k, v), grad_out)
+
+        try:
+            call(0)
+        except RuntimeError as error:  # a backend that does not take this shape or dtype
+            note(f"cross_attention {passes} {describe(shape)}: {name} unavailable ({str(error).splitlines()[0]})")
+            continue
+        ms = median_cuda_ms(call, rotations, warmup=1 if smoke else 10, repeats=1 if smoke else 50)
+        results[name] = ms
+        tflops = (minimal.tensor_flops / (ms * 1e-3)) / 1e12
+        roofline = f", {floor_ms / ms:.0%} of the {device.name} floor" if floor_ms else ""
+        note(f"cross_attention {passes} {describe(shape)} fp16: {name:<24} {ms * 1e3:9.1f} us {tflops:7.1f} TFLOP/s{roofline}")
+    benchmark.extra_info |= {f"{passes}_{name}_ms": ms for name, ms in results.items()}
+    assert "nai_fast" in results and "eager" in results
+    note(f"cross_attention {passes} {describe(shape)}: nai_fast {results['eager'] / results['nai_fast']:.2f}x eager")
