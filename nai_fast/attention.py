@@ -66,6 +66,19 @@ recomputes; within a forward, sharing (1) always holds, also while training:
 all cross-attention layers then see one Dropout sample of each module, as if
 the hypernetwork had rewritten the context once.
 
+Fused kernels (:mod:`nai_fast.kernels`), where ``NAI_FAST_KERNELS`` asks for them (on CUDA
+tensors by default): a self-attention layer whose k/v input one two-Linear hypernetwork
+rewrites computes its K and V with ``hyper_kv`` (module and projection in two GEMM kernels),
+and a cross-attention layer over a prompt of up to 4 chunks attends with
+``cross_attention``; elsewhere the eager path above runs (modules, ``to_k``/``to_v``, SDPA),
+with a logged reason where a structure cannot fuse (LayerNorm, deeper nets, Dropout while
+training, several hypernetworks at one width). Under ``auto`` each op runs only where the
+cost model predicts it faster on the GPU (:mod:`nai_fast.kernels.policy`); ``triton``
+forces them, which is how ``tests/test_kernel_unet.py`` checks a training step against the
+eager processors under Triton's interpreter. The shallow-layer penalty of a fused layer is
+measured with one extra module call on the detached input, as it is wherever that input
+carries a graph.
+
 Training: the processors call the modules, so gradients reach the hypernetwork
 (freeze the U-Net yourself). NovelAI penalised the shallow layers when training
 hypernetworks and published no code; our interpretation is a regulariser on the
@@ -85,11 +98,13 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import logging
 import math
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from numbers import Real
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -98,7 +113,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .hypernetwork import AffineMap, Hypernetwork, HypernetworkModule
+from .kernels import MLP, kernel_mode, kernels_requested
+from .kernels.hyper_kv import structure_not_supported_reasons
+from .kernels.policy import cross_attention_pays, gpu_class, hyper_kv_pays
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
@@ -110,6 +129,7 @@ __all__ = [
     "HypernetworkAttnProcessor",
     "apply_hypernetworks",
     "hypernetwork_penalty",
+    "installed_hypernetworks",
     "remove_hypernetworks",
 ]
 
@@ -121,6 +141,11 @@ _INSTALLED = "_nai_fast_hypernetworks"  # the U-Net attribute holding what apply
 # Contexts recognised across forwards, and K/V pairs each cross-attention layer keeps: 2 covers
 # samplers that run the negative and positive prompts as separate batches.
 _CONTEXTS_REMEMBERED = 2
+# Prompts of 1 to 4 chunks: the key sets the fused cross_attention op is built for (its K and
+# V stay on chip); longer contexts go to PyTorch's SDPA.
+FUSED_ATTENTION_MAX_KEYS = 4 * 77
+
+logger = logging.getLogger(__name__)
 
 
 def apply_hypernetworks(
@@ -169,6 +194,13 @@ def remove_hypernetworks(unet: UNet2DConditionModel) -> None:
     unet.set_attn_processor(installed.original_processors)
     installed.hook.remove()
     delattr(unet, _INSTALLED)
+
+
+def installed_hypernetworks(unet: UNet2DConditionModel) -> list[tuple[Hypernetwork, float]]:
+    """The hypernetworks :func:`apply_hypernetworks` put on ``unet``, in order, each with its
+    default strength (empty if none)."""
+    installed = getattr(unet, _INSTALLED, None)
+    return [] if installed is None else list(zip(installed.hypernetworks, installed.default_strengths))
 
 
 def hypernetwork_penalty(unet: UNet2DConditionModel) -> Tensor:
@@ -357,6 +389,66 @@ def _is_bare_linear(module: nn.Module) -> bool:
     )
 
 
+def _hyper_kv_reasons(attn: Attention, x: Tensor, pairs: Sequence[_Pair]) -> list[str]:
+    """Why the fused ``hyper_kv`` op cannot compute this layer's keys and values (empty: it can)."""
+    if len(pairs) != 1:
+        return [f"{len(pairs)} hypernetworks compose at width {x.shape[-1]}; the op fuses one"]
+    if not (_is_bare_linear(attn.to_k) and _is_bare_linear(attn.to_v)):
+        return ["to_k or to_v is not a bare nn.Linear (a LoRA wrapper or hook would be skipped)"]
+    module = pairs[0].k
+    architecture = module.architecture
+    reasons = structure_not_supported_reasons(
+        architecture.activation,
+        len(architecture.layer_structure) - 1,
+        layer_norm=architecture.layer_norm,
+        dropout_active=module.training and any(p > 0 for p in architecture.dropout_structure),
+        activate_output=architecture.activate_output,
+    )
+    module_dtype = module.net[0].weight.dtype
+    if module_dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        reasons.append(f"the hypernetwork is {module_dtype} and the layer {x.dtype} (eager runs each in its own)")
+    return reasons
+
+
+def _hyper_kv_pays(attn: Attention, x: Tensor, pair: _Pair, dtype: torch.dtype) -> bool:
+    """Whether the fused op should compute this layer's K and V: always when forced, else where
+    the cost model predicts it faster on this GPU (:mod:`nai_fast.kernels.policy`)."""
+    if kernel_mode() == "triton":
+        return True
+    tokens, width = x.numel() // x.shape[-1], x.shape[-1]
+    hidden_width = pair.k.net[0].out_features
+    backward = torch.is_grad_enabled()
+    return hyper_kv_pays(
+        tokens, width, hidden_width, attn.to_k.out_features, dtype.itemsize, pair.k.architecture.activation,
+        backward, gpu_class(x.device),
+    )  # fmt: skip
+
+
+def _cross_attention_pays(query: Tensor, key: Tensor) -> bool:
+    """Whether the fused op should run this cross-attention (see :func:`_hyper_kv_pays`)."""
+    if kernel_mode() == "triton":
+        return True
+    batch, heads, query_length, head_dim = query.shape
+    backward = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
+    return cross_attention_pays(
+        batch, heads, query_length, key.shape[2], head_dim, query.dtype.itemsize, backward, gpu_class(query.device)
+    )
+
+
+@cache
+def _log_eager_key_value(reasons: str) -> None:
+    logger.warning("hypernetwork k/v run eagerly, not through the fused hyper_kv op: %s", reasons)
+
+
+def _mlp(module: HypernetworkModule, dtype: torch.dtype) -> MLP:
+    first, second = (layer for layer in module.net if isinstance(layer, nn.Linear))
+    return MLP(first.weight.to(dtype), first.bias.to(dtype), second.weight.to(dtype), second.bias.to(dtype))
+
+
+def _cast(tensor: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if tensor is None else tensor.to(dtype)
+
+
 @dataclass
 class _Installed:
     """The hypernetworks on one U-Net and the state its processors share."""
@@ -433,16 +525,24 @@ class _Installed:
 
     def _apply_module(self, module: HypernetworkModule, x: Tensor, strength: float) -> Tensor:
         # module.forward, in the module's own dtype, adding to the penalty where it applies.
-        dtype = module.net[0].weight.dtype
-        residual = strength * module.net(x.to(dtype))
-        penalty_weight = self.penalty_weights.get(module.width, 0.0)
-        if penalty_weight and torch.is_grad_enabled():
-            # The penalty is the module's own: its gradient must not reach the modules upstream
-            # that made x, so it is measured on a detached x (recomputed only if x has a graph).
-            own_residual = strength * module.net(x.detach().to(dtype)) if x.requires_grad else residual
-            term = penalty_weight * own_residual.float().square().mean()
-            self.penalty = term if self.penalty is None else self.penalty + term
+        residual = strength * module.net(x.to(module.net[0].weight.dtype))
+        self.add_penalty(module, x, strength, residual=None if x.requires_grad else residual)
         return x + residual.to(x.dtype)
+
+    def add_penalty(self, module: HypernetworkModule, x: Tensor, strength: float, residual: Tensor | None = None) -> None:
+        """Add ``module``'s penalty term for its input ``x``, where one applies.
+
+        The penalty is the module's own: its gradient must not reach the modules upstream
+        that made ``x``, so it is measured on a detached ``x``. ``residual``, the module's
+        ``strength * net(x)`` where ``x`` has no graph, saves recomputing it.
+        """
+        penalty_weight = self.penalty_weights.get(module.width, 0.0)
+        if not (penalty_weight and torch.is_grad_enabled()):
+            return
+        if residual is None:
+            residual = strength * module.net(x.detach().to(module.net[0].weight.dtype))
+        term = penalty_weight * residual.float().square().mean()
+        self.penalty = term if self.penalty is None else self.penalty + term
 
     def composed(self, width: int, pairs: Sequence[_Pair]) -> tuple[AffineMap, AffineMap]:
         """The affine pairs' composed maps for k and v, built once per width, weights and strengths."""
@@ -538,6 +638,10 @@ class HypernetworkAttnProcessor:
         if reusable and all(pair.k.is_affine and pair.v.is_affine for pair in pairs):
             (k_weight, k_bias), (v_weight, v_bias) = self._folded_projections(attn, x.shape[-1], pairs)
             return F.linear(x, k_weight, k_bias), F.linear(x, v_weight, v_bias)
+        if kernels_requested(x.device):
+            fused = self._fused_key_value(attn, x, pairs)
+            if fused is not None:
+                return fused
         k_input, v_input = installed.run(x, pairs)
         return attn.to_k(k_input), attn.to_v(v_input)
 
@@ -556,11 +660,42 @@ class HypernetworkAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        hidden_states = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
-        )
+        if (
+            attn.is_cross_attention
+            and attention_mask is None
+            and key.shape[2] <= FUSED_ATTENTION_MAX_KEYS
+            and kernels_requested(query.device)
+            and _cross_attention_pays(query, key)
+        ):
+            hidden_states = kernels.cross_attention(query, key, value)
+        else:
+            hidden_states = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+            )
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         return hidden_states.to(query.dtype)
+
+    def _fused_key_value(self, attn: Attention, x: Tensor, pairs: list[_Pair]) -> tuple[Tensor, Tensor] | None:
+        """Self-attention's keys and values through the fused ``hyper_kv`` op; None (the reason
+        logged once) where it cannot take this layer's modules."""
+        reasons = _hyper_kv_reasons(attn, x, pairs)
+        if reasons:
+            _log_eager_key_value("; ".join(reasons))
+            return None
+        (pair,) = pairs
+        # Under autocast the op runs in autocast's dtype, as the Linears it replaces would.
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        if not _hyper_kv_pays(attn, x, pair, dtype):
+            return None
+        key, value = kernels.hyper_kv(
+            x.to(dtype), attn.to_k.weight.to(dtype), attn.to_v.weight.to(dtype), _mlp(pair.k, dtype),
+            _mlp(pair.v, dtype), pair.k.architecture.activation, pair.strength, _cast(attn.to_k.bias, dtype),
+            _cast(attn.to_v.bias, dtype),
+        )  # fmt: skip
+        for module in pair[:2]:
+            self._installed.add_penalty(module, x, pair.strength)
+        return key, value
 
     def _cross_attention_key_value(
         self, attn: Attention, context: Tensor, pairs: list[_Pair], reusable: bool

@@ -1,0 +1,87 @@
+"""A U-Net training step with hypernetworks runs forward and backward through the fused kernels
+(hyper_kv in self-attention, cross_attention in cross-attention) and gives the loss and the
+gradients of the eager processors.
+
+The step runs in an interpreter worker (Triton's interpreter on CPU tensors), once with
+``NAI_FAST_KERNELS=triton`` and once with ``reference`` (the processors' eager path: module
+calls, ``to_k``/``to_v``, SDPA), on the tiny preset's U-Net config.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import pytest
+import torch
+from kernel_proofs import fresh_seed, result_of, triton_workers
+
+# (activation, U-Net trainable too): hypernetwork training, and a fine-tune with a hypernetwork
+CASES = [("relu", False), ("gelu", True)]
+
+
+def training_step_job(case, seed: int) -> dict:
+    """Loss and gradients of one step for each kernel mode, and the fused ops' call counts."""
+    from diffusers import UNet2DConditionModel
+
+    from nai_fast.attention import apply_hypernetworks, hypernetwork_penalty
+    from nai_fast.configs import load_config
+    from nai_fast.hypernetwork import Hypernetwork
+    from nai_fast.kernels.cross_attention import _CrossAttention
+    from nai_fast.kernels.hyper_kv import _HyperProjection
+
+    activation, train_unet = case
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(load_config("tiny", "unet")).requires_grad_(train_unet)
+    # Widths 32 (self-attention) and 64 (mid-block self-attention, and the text context).
+    hypernetwork = Hypernetwork(widths=(32, 64), activation=activation, weight_init="XavierNormal")
+    apply_hypernetworks(unet, hypernetwork, strengths=0.7, penalty_weights={32: 0.5})
+    latents, target = torch.randn(2, 4, 8, 12), torch.randn(2, 4, 8, 12)
+    context = torch.randn(2, 77, 64)
+    trained = dict(hypernetwork.named_parameters())
+    if train_unet:
+        trained |= {f"unet.{name}": p for name, p in unet.named_parameters() if p.requires_grad}
+
+    calls = Counter()
+    for name, function in (("hyper_kv", _HyperProjection), ("cross_attention", _CrossAttention)):
+
+        def counted(*args, _apply=function.apply, _name=name):
+            calls[_name] += 1
+            return _apply(*args)
+
+        function.apply = counted
+
+    results = {"blocks": sum(name.endswith("attn1") for name, _ in unet.named_modules())}
+    for mode in ("reference", "triton"):
+        os.environ["NAI_FAST_KERNELS"] = mode
+        for parameter in trained.values():
+            parameter.grad = None
+        prediction = unet(latents, 500, encoder_hidden_states=context).sample
+        loss = torch.nn.functional.mse_loss(prediction, target) + hypernetwork_penalty(unet)
+        loss.backward()
+        results[mode] = (loss.detach(), {name: p.grad.clone() for name, p in trained.items()})
+        results[f"{mode} calls"] = dict(calls)
+        calls.clear()
+    return results
+
+
+@pytest.fixture(scope="module")
+def steps():
+    with triton_workers(interpret=True, processes=min(2, os.cpu_count() or 1)) as pool:
+        jobs = {case: (seed := fresh_seed(), pool.apply_async(training_step_job, (case, seed))) for case in CASES}
+        yield {case: result_of(job, seed) for case, (seed, job) in jobs.items()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{a}{'-finetune' if t else ''}" for a, t in CASES])
+def test_training_step_equals_the_eager_processors(steps, case):
+    results = steps[case]
+    blocks = results["blocks"]  # each with one self-attention (attn1) and one cross-attention (attn2)
+    assert blocks == 4, "the tiny U-Net: down 0, mid, up 1 (two blocks)"
+    assert results["triton calls"] == {"hyper_kv": 2 * blocks, "cross_attention": blocks}, "K, V: a call each"
+    assert results["reference calls"] == {}, "the eager run used no kernel"
+    (kernel_loss, kernel_grads), (eager_loss, eager_grads) = results["triton"], results["reference"]
+    torch.testing.assert_close(kernel_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    assert kernel_grads.keys() == eager_grads.keys()
+    for name, eager_grad in eager_grads.items():
+        assert eager_grad.abs().max() > 0, f"{name}: no gradient reached it"
+        torch.testing.assert_close(kernel_grads[name], eager_grad, rtol=1e-4, atol=1e-6, msg=name)
