@@ -1,21 +1,37 @@
-"""Drop-in long-prompt encoding for diffusers' Stable Diffusion pipelines.
+"""Drop-ins for diffusers' Stable Diffusion pipelines.
 
 :func:`patch_pipeline` replaces a pipeline's ``encode_prompt`` (the method
 ``StableDiffusionPipeline`` and its img2img and inpaint siblings call) with a
 :class:`~nai_fast.text.LongPromptEncoder`, so prompt and negative prompt may
-be long and weighted and clip skip applies to both; :func:`unpatch_pipeline`
-restores the pipeline's own method.
+be long and weighted and clip skip applies to both.
+
+:func:`upgrade_pipeline` brings in all of NovelAI's inference changes in one
+call: that encoder (clip skip 2 by default), hypernetworks on the U-Net
+(:func:`nai_fast.attention.apply_hypernetworks`) and a sampler built from the
+pipeline's noise schedule (:func:`nai_fast.generate.make_sampler`, Euler
+ancestral by default). With generators from
+:func:`nai_fast.generate.seeded_generators` an upgraded pipeline makes the
+images :func:`nai_fast.generate.txt2img` makes, pixel for pixel, for a guidance
+scale above 1 (diffusers leaves out guidance at scales up to 1; txt2img only
+at exactly 1).
+
+:func:`unpatch_pipeline` undoes either: the pipeline's own ``encode_prompt``,
+scheduler and attention processors come back.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from .attention import apply_hypernetworks, remove_hypernetworks
+from .hypernetwork import Hypernetwork
 from .text import LongPromptEncoder
 
 _PATCH = "_nai_fast_encoder"
+_UPGRADE = "_nai_fast_upgrade"  # (the pipeline's own scheduler, whether we applied hypernetworks)
 
 
 def patch_pipeline(pipe: Any, **encoder_options: Any) -> LongPromptEncoder:
@@ -58,8 +74,55 @@ def patch_pipeline(pipe: Any, **encoder_options: Any) -> LongPromptEncoder:
     return encoder
 
 
+def upgrade_pipeline(
+    pipe: Any,
+    hypernetworks: Hypernetwork | Sequence[Hypernetwork] = (),
+    strengths: float | Sequence[float] | None = None,
+    *,
+    sampler: str = "euler_a",
+    clip_skip: int = 2,
+    **encoder_options: Any,
+) -> LongPromptEncoder:
+    """Make ``pipe`` generate the NovelAI way; returns its :class:`LongPromptEncoder`.
+
+    Args:
+        pipe: a diffusers ``StableDiffusionPipeline`` (or a sibling with ``encode_prompt``,
+            ``unet`` and ``scheduler``).
+        hypernetworks, strengths: applied to ``pipe.unet`` (on its device already), as
+            :func:`~nai_fast.attention.apply_hypernetworks` does; none by default.
+        sampler: a :data:`nai_fast.generate.SAMPLERS` name, built from the pipeline's
+            scheduler config (its noise schedule and ``prediction_type`` kept).
+        clip_skip, encoder_options: the encoder's (see :func:`patch_pipeline`).
+
+    Upgrading again replaces the previous upgrade; :func:`unpatch_pipeline` undoes it.
+    """
+    from .generate import make_sampler  # generate's heavier imports only when upgrading
+
+    unpatch_pipeline(pipe)
+    scheduler = make_sampler(sampler, pipe.scheduler.config)  # fails before anything is changed
+    encoder = patch_pipeline(pipe, clip_skip=clip_skip, **encoder_options)
+    applied = isinstance(hypernetworks, Hypernetwork) or len(hypernetworks) > 0
+    if applied:
+        try:
+            apply_hypernetworks(pipe.unet, hypernetworks, strengths)
+        except (TypeError, ValueError):
+            unpatch_pipeline(pipe)
+            raise
+    setattr(pipe, _UPGRADE, (pipe.scheduler, applied))
+    pipe.scheduler = scheduler
+    return encoder
+
+
 def unpatch_pipeline(pipe: Any) -> None:
-    """Restore the pipeline's own ``encode_prompt`` (no-op if not patched)."""
+    """Restore the pipeline's own ``encode_prompt``, and after :func:`upgrade_pipeline` its
+    scheduler and attention processors (no-op if not patched)."""
+    upgrade = getattr(pipe, _UPGRADE, None)
+    if upgrade is not None:
+        scheduler, applied_hypernetworks = upgrade
+        pipe.scheduler = scheduler
+        if applied_hypernetworks:
+            remove_hypernetworks(pipe.unet)
+        delattr(pipe, _UPGRADE)
     if getattr(pipe, _PATCH, None) is not None:
         del pipe.encode_prompt  # the instance attribute hid the class's method
         delattr(pipe, _PATCH)

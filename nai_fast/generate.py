@@ -1,0 +1,426 @@
+"""The inference engine: txt2img with classifier-free guidance, and PNGs that say how they were made.
+
+:func:`txt2img` ``(model, prompt, *, negative_prompt="", width=512, height=512, steps=28,
+guidance_scale=11.0, seed=0, sampler="euler_a", clip_skip=2, batch_size=1, encoder=None,
+progress=True) -> list[GeneratedImage]`` generates with a
+:class:`~nai_fast.models.StableDiffusion` where it sits (device and dtype):
+
+    prompt + negative -> LongPromptEncoder (both in one call, equal chunk counts)
+      -> context [uncond; cond], built once, so the K/V cache of nai_fast.attention
+         recognises it at every step
+      -> per step ONE U-Net call on the CFG batch, uncond + scale * (cond - uncond)
+      -> the sampler's step -> VAE decode -> PIL images
+
+- **Hypernetworks**: whatever processors are installed on ``model.unet``
+  (:func:`nai_fast.attention.apply_hypernetworks`) run; their names and strengths are
+  recorded in the parameters.
+- **Seeds**: image ``i`` of a call uses seed ``seed + i`` (as the web UI does), with
+  its own CPU ``torch.Generator``: it draws the image's starting latents (float32, on
+  the CPU, so CPU and GPU start from the same noise) and then the ancestral sampler's
+  per-step noise. So any image can be made again alone, with its own seed and batch
+  size 1 (:func:`seeded_generators` makes the same generators for a diffusers pipeline).
+- **Samplers** (:data:`SAMPLERS`): diffusers schedulers built from the model's training
+  noise schedule (its ``prediction_type`` kept) by :func:`make_sampler`: ``euler_a``
+  (NovelAI's default), ``euler``, ``ddim``, ``dpmpp_2m_karras``.
+- **Guidance**: a scale of exactly 1 is the conditional prediction alone, so the
+  unconditional half is skipped (diffusers skips it for every scale <= 1; here any
+  other scale, below 1 included, is guided).
+- **Sizes**: width and height must be multiples of 64 (ValueError); a size whose aspect
+  ratio or area lies well outside the SD 1.x training buckets
+  (``nai_fast.buckets.preset_buckets("sd1")``) gets a :class:`ResolutionWarning`.
+- Runs under ``torch.inference_mode`` with the networks (and installed hypernetworks)
+  in eval mode, giving each module back its own training flag afterwards, so a
+  training loop can call it for sample images.
+
+Files: :class:`GenerationParameters` writes and parses the web UI's "parameters"
+text (``prompt``, ``Negative prompt: ...``, then ``Steps: 28, Sampler: Euler a, CFG
+scale: 11, Seed: 1234, Size: 512x768, Model: name, Hypernet: name, Hypernet strength:
+0.8, Clip skip: 2``: the web UI's keys, in its order, a value quoted as JSON when it
+holds a comma, colon or newline). :func:`save_png` stores it as the PNG's
+``parameters`` text chunk; :func:`save_numbered` names files ``00000-1234.png``
+(index-seed), never overwriting one.
+
+:data:`DEFAULT_TRAIN_OUTPUT` is the training CLI's default output folder; a trained
+hypernetwork is written there as ``hypernetwork.safetensors`` and ``nai-fast generate``
+points at it without loading it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .attention import installed_hypernetworks
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .models import StableDiffusion
+    from .text import LongPromptEncoder
+
+__all__ = [
+    "DEFAULT_TRAIN_OUTPUT",
+    "SAMPLERS",
+    "TRAINED_HYPERNETWORK_FILE",
+    "GeneratedImage",
+    "GenerationParameters",
+    "ResolutionWarning",
+    "check_resolution",
+    "make_sampler",
+    "save_numbered",
+    "save_png",
+    "seeded_generators",
+    "txt2img",
+]
+
+DEFAULT_TRAIN_OUTPUT = "nai-fast-output"  # the training CLI's default --output-dir
+TRAINED_HYPERNETWORK_FILE = "hypernetwork.safetensors"  # what training writes there
+
+# sampler name -> (diffusers scheduler class, options over the model's noise schedule, web UI label)
+_SAMPLER_RECIPES: dict[str, tuple[str, dict[str, Any], str]] = {
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
+    "ddim": ("DDIMScheduler", {}, "DDIM"),
+    "dpmpp_2m_karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+        "DPM++ 2M Karras",
+    ),
+}
+SAMPLERS: Mapping[str, str] = {name: recipe[2] for name, recipe in _SAMPLER_RECIPES.items()}  # name -> label
+
+SIZE_STEP = 64  # pixels; the SD 1.x U-Net halves the latent three times
+# A size is "far" from the training buckets beyond this factor on aspect ratio or area.
+_FAR_FACTOR = 1.5
+
+
+class ResolutionWarning(UserWarning):
+    """A size far from the resolutions the model was trained at."""
+
+
+# Samplers and seeds
+
+
+def make_sampler(name: str, noise_schedule: Mapping[str, Any]) -> Any:
+    """A fresh diffusers scheduler for sampler ``name`` (see :data:`SAMPLERS`), built from
+    a model's noise-schedule config (e.g. ``model.scheduler.config``)."""
+    if name not in _SAMPLER_RECIPES:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(_SAMPLER_RECIPES)}")
+    import diffusers
+
+    class_name, options, _ = _SAMPLER_RECIPES[name]
+    return getattr(diffusers, class_name).from_config(noise_schedule, **options)
+
+
+def seeded_generators(seed: int, count: int) -> list[torch.Generator]:
+    """CPU generators seeded ``seed, seed + 1, ...``: image ``i``'s randomness. Pass them
+    as ``generator=`` to a diffusers pipeline to reproduce :func:`txt2img`'s noise."""
+    return [torch.Generator("cpu").manual_seed(seed + index) for index in range(count)]
+
+
+def check_resolution(width: int, height: int) -> None:
+    """ValueError unless both sides are positive multiples of 64; a :class:`ResolutionWarning`
+    when the aspect ratio or the area lies beyond the SD 1.x bucket grid's range by more
+    than a factor of 1.5."""
+    for name, side in (("width", width), ("height", height)):
+        if side <= 0 or side % SIZE_STEP:
+            raise ValueError(f"{name} must be a positive multiple of {SIZE_STEP}, got {side}")
+    from .buckets import preset_buckets
+
+    buckets = preset_buckets("sd1")
+    ratios = buckets[:, 0] / buckets[:, 1]
+    areas = buckets[:, 0] * buckets[:, 1]
+    ratio, area = width / height, width * height
+    if not ratios.min() / _FAR_FACTOR <= ratio <= ratios.max() * _FAR_FACTOR:
+        reason = f"aspect ratio {ratio:.3g} (trained: {ratios.min():.3g} to {ratios.max():.3g})"
+    elif not areas.min() / _FAR_FACTOR <= area <= areas.max() * _FAR_FACTOR:
+        reason = f"{area} pixels (trained: {areas.min()} to {areas.max()})"
+    else:
+        return
+    warnings.warn(
+        f"{width}x{height} is far from the SD 1.x training buckets: {reason}; expect repeated or cut-off "
+        "subjects",
+        ResolutionWarning,
+        stacklevel=3,
+    )
+
+
+# Generation
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """One image and how it was made."""
+
+    image: Image.Image
+    parameters: GenerationParameters
+
+    @property
+    def seed(self) -> int:
+        return self.parameters.seed
+
+    @property
+    def text(self) -> str:
+        """The web UI's parameters text (what :func:`save_png` stores)."""
+        return self.parameters.to_text()
+
+
+def txt2img(
+    model: StableDiffusion,
+    prompt: str,
+    *,
+    negative_prompt: str = "",
+    width: int = 512,
+    height: int = 512,
+    steps: int = 28,
+    guidance_scale: float = 11.0,
+    seed: int = 0,
+    sampler: str = "euler_a",
+    clip_skip: int = 2,
+    batch_size: int = 1,
+    encoder: LongPromptEncoder | None = None,
+    progress: bool = True,
+) -> list[GeneratedImage]:
+    """Generate ``batch_size`` images of ``prompt`` (see the module doc).
+
+    ``encoder``: a :class:`~nai_fast.text.LongPromptEncoder` of the model's tokenizer and
+    text encoder with the options wanted (max chunks, syntax, emphasis); built with the
+    defaults when None. ``clip_skip`` applies either way. ``progress`` shows a tqdm bar
+    of the steps.
+    """
+    check_resolution(width, height)
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be at least 1, got {steps} and {batch_size}")
+    if not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+    scheduler = make_sampler(sampler, model.scheduler.config)  # fresh: schedulers keep per-run state
+    if encoder is None:
+        from .text import LongPromptEncoder
+
+        encoder = LongPromptEncoder(model.tokenizer, model.text_encoder, clip_skip=clip_skip)
+    unet, device, dtype = model.unet, model.unet.device, model.unet.dtype
+    guided = guidance_scale != 1  # at exactly 1, uncond + 1 * (cond - uncond) is cond
+    generators = seeded_generators(seed, batch_size)
+    hypernetworks = installed_hypernetworks(unet)
+    networks = (model.unet, model.vae, model.text_encoder, *(net for net, _ in hypernetworks))
+
+    with torch.inference_mode(), _eval_mode(*networks):
+        cond, uncond = encoder.encode(prompt, negative_prompt, clip_skip=clip_skip)
+        # Made once: the same tensor at every step, so cached cross-attention K/V apply.
+        context = (torch.cat([uncond, cond]) if guided else cond).to(device, dtype)
+        context = context.repeat_interleave(batch_size, dim=0)
+        latent_shape = (1, unet.config.in_channels, height // model.vae_scale_factor, width // model.vae_scale_factor)
+        latents = torch.cat([torch.randn(latent_shape, generator=generator) for generator in generators])
+        scheduler.set_timesteps(steps, device=device)  # first: init_noise_sigma depends on the timesteps
+        latents = latents.to(device, dtype) * scheduler.init_noise_sigma
+
+        from tqdm import tqdm
+
+        for timestep in tqdm(scheduler.timesteps, desc="txt2img", disable=not progress, leave=False):
+            model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, timestep)
+            prediction = unet(model_input, timestep, encoder_hidden_states=context, return_dict=False)[0]
+            if guided:
+                uncond_prediction, cond_prediction = prediction.chunk(2)
+                prediction = uncond_prediction + guidance_scale * (cond_prediction - uncond_prediction)
+            latents = scheduler.step(prediction, timestep, latents, generator=generators, return_dict=False)[0]
+        images = _decode(model.vae, latents)
+
+    common = dict(
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        steps=steps,
+        sampler=sampler,
+        guidance_scale=guidance_scale,
+        width=width,
+        height=height,
+        model=_model_name(model.source),
+        clip_skip=clip_skip,
+        hypernetworks=tuple((net.name or "hypernetwork", strength) for net, strength in hypernetworks),
+    )
+    return [
+        GeneratedImage(image, GenerationParameters(seed=seed + index, **common)) for index, image in enumerate(images)
+    ]
+
+
+def _decode(vae: nn.Module, latents: torch.Tensor) -> list[Image.Image]:
+    """Latents -> PIL images, rounding as diffusers' image processor does."""
+    from PIL import Image
+
+    decoded = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]
+    pixels = (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+    return [Image.fromarray(image) for image in (pixels * 255).round().astype("uint8")]
+
+
+@contextmanager
+def _eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode, each given back its own training flag afterwards."""
+    flags = [(module, module.training) for root in modules for module in root.modules()]
+    for root in modules:
+        root.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def _model_name(source: str) -> str:
+    """``"preset tiny"`` -> ``"tiny"``; a file or folder path -> its stem."""
+    return Path(str(source).removeprefix("preset ").rstrip("/\\")).stem
+
+
+# The parameters text
+
+
+@dataclass(frozen=True)
+class GenerationParameters:
+    """What made an image, and the web UI's text for it (:meth:`to_text`, :meth:`from_text`).
+
+    ``sampler`` is a :data:`SAMPLERS` name (a label from another tool is kept as it is).
+    ``hypernetworks``: ``(name, strength)`` pairs, in the order they apply. ``extra``:
+    ``(key, value)`` fields of a parsed text this class has no attribute for, written back
+    after the others.
+    """
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 28
+    sampler: str = "euler_a"
+    guidance_scale: float = 11.0
+    seed: int = 0
+    width: int = 512
+    height: int = 512
+    model: str | None = None
+    model_hash: str | None = None
+    clip_skip: int = 2
+    hypernetworks: tuple[tuple[str, float], ...] = ()
+    extra: tuple[tuple[str, str], ...] = ()
+
+    def to_text(self) -> str:
+        fields: dict[str, object] = {
+            "Steps": self.steps,
+            "Sampler": SAMPLERS.get(self.sampler, self.sampler),
+            "CFG scale": _number(self.guidance_scale),
+            "Seed": self.seed,
+            "Size": f"{self.width}x{self.height}",
+            "Model hash": self.model_hash,
+            "Model": self.model,
+        }
+        for index, (name, strength) in enumerate(self.hypernetworks, start=1):
+            key = "Hypernet" if index == 1 else f"Hypernet {index}"
+            fields[key] = name
+            fields[f"{key} strength"] = None if strength == 1 else _number(strength)  # the web UI omits 1
+        fields["Clip skip"] = None if self.clip_skip == 1 else self.clip_skip  # so does it the last layer
+        fields.update(self.extra)
+        line = ", ".join(f"{key}: {_quoted(str(value))}" for key, value in fields.items() if value is not None)
+        negative = f"\nNegative prompt: {self.negative_prompt}" if self.negative_prompt else ""
+        return f"{self.prompt}{negative}\n{line}"
+
+    @classmethod
+    def from_text(cls, text: str) -> GenerationParameters:
+        """Parse a parameters text (ours or the web UI's); a field it lacks takes the web UI's
+        meaning of its absence (clip skip 1, strength 1) or this class's default."""
+        *lines, last = text.split("\n")
+        fields = _parse_fields(last)
+        if "Steps" not in fields:  # no parameters line: it is all prompt
+            lines, fields = [*lines, last], {}
+        negative_at = next((i for i, line in enumerate(lines) if line.startswith(_NEGATIVE)), len(lines))
+        negative = "\n".join(lines[negative_at:]).removeprefix(_NEGATIVE).removeprefix(" ")
+        labels = {label: name for name, label in SAMPLERS.items()}
+        defaults = cls(prompt="")
+        width, _, height = fields.pop("Size", f"{defaults.width}x{defaults.height}").partition("x")
+        hypernetworks = []
+        for index in range(1, len(fields) + 1):
+            key = "Hypernet" if index == 1 else f"Hypernet {index}"
+            if key not in fields:
+                break
+            hypernetworks.append((fields.pop(key), float(fields.pop(f"{key} strength", 1))))
+        sampler = fields.pop("Sampler", defaults.sampler)
+        return cls(
+            prompt="\n".join(lines[:negative_at]),
+            negative_prompt=negative,
+            steps=int(fields.pop("Steps", defaults.steps)),
+            sampler=labels.get(sampler, sampler),
+            guidance_scale=float(fields.pop("CFG scale", defaults.guidance_scale)),
+            seed=int(fields.pop("Seed", defaults.seed)),
+            width=int(width),
+            height=int(height),
+            model_hash=fields.pop("Model hash", None),
+            model=fields.pop("Model", None),
+            clip_skip=int(fields.pop("Clip skip", 1)),
+            hypernetworks=tuple(hypernetworks),
+            extra=tuple(fields.items()),
+        )
+
+
+_NEGATIVE = "Negative prompt:"
+# "Key: value" pairs, a value either JSON-quoted or running to the next comma.
+_FIELD = re.compile(r'\s*([^:,"]+?):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def _parse_fields(line: str) -> dict[str, str]:
+    fields = {}
+    for key, value in _FIELD.findall(line):
+        fields[key] = json.loads(value) if value.startswith('"') else value.strip()
+    return fields
+
+
+def _quoted(value: str) -> str:
+    # The web UI's rule: a value that would break the "key: value, ..." line goes in as JSON.
+    if any(mark in value for mark in ',:\n') or value.startswith('"'):
+        return json.dumps(value, ensure_ascii=False)
+    return value
+
+
+def _number(value: float) -> int | float:
+    """11.0 -> 11, 0.8 -> 0.8 (the shortest text that reads back the same)."""
+    return int(value) if float(value).is_integer() else float(value)
+
+
+# Files
+
+
+def save_png(image: Image.Image, path: str | os.PathLike[str], parameters: str | GenerationParameters) -> Path:
+    """Write ``image`` as a PNG whose ``parameters`` text chunk holds ``parameters``
+    (a text, or :class:`GenerationParameters` written with :meth:`~GenerationParameters.to_text`)."""
+    path = Path(path)
+    with open(path, "wb") as file:
+        _write_png(image, file, parameters)
+    return path
+
+
+def save_numbered(generated: GeneratedImage, directory: str | os.PathLike[str]) -> Path:
+    """Save as ``{index:05d}-{seed}.png`` in ``directory`` (created if needed), the index one
+    past the highest already there; never overwrites a file."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    numbers = (re.match(r"(\d+)-", entry.name) for entry in os.scandir(directory))
+    index = max((int(number[1]) for number in numbers if number), default=-1) + 1
+    while True:
+        path = directory / f"{index:05d}-{generated.seed}.png"
+        try:
+            with open(path, "xb") as file:  # exclusive: another writer may have taken the name
+                _write_png(generated.image, file, generated.parameters)
+            return path
+        except FileExistsError:
+            index += 1
+
+
+def _write_png(image: Image.Image, file: Any, parameters: str | GenerationParameters) -> None:
+    from PIL import PngImagePlugin
+
+    text = parameters.to_text() if isinstance(parameters, GenerationParameters) else parameters
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)  # tEXt, or iTXt where the text is not Latin-1
+    image.save(file, format="PNG", pnginfo=info)
