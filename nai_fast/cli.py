@@ -19,6 +19,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"nai_fast {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_buckets(commands)
+    _add_generate(commands)
+    _add_train(commands)
     args = parser.parse_args(argv)
     try:
         return args.run(args)
@@ -88,6 +90,385 @@ def _run_buckets(args: argparse.Namespace) -> int:
         print(format_table(figures))
         if args.plot:
             print(f"\nchart written to {args.plot}")
+    return 0
+
+
+# Built-in models of nai_fast.models.PRESETS, spelled out so `--help` needs no torch import
+# (tests/test_generate.py checks the two agree).
+_MODEL_PRESETS = ("sd15", "tiny")
+_TRAIN_OUTPUT = "nai-fast-output"  # nai_fast.generate.DEFAULT_TRAIN_OUTPUT, spelled out for the same reason
+
+
+def _add_generate(commands: argparse._SubParsersAction) -> None:
+    command = commands.add_parser(
+        "generate",
+        help="generate images from a prompt (txt2img)",
+        description="Generate images from a prompt with classifier-free guidance, NovelAI's way (penultimate "
+        "CLIP layer, long weighted prompts, hypernetworks), and write them as PNGs named INDEX-SEED.png "
+        "carrying their generation parameters (the web UI's 'parameters' text). Image i of a run uses seed "
+        "SEED+i, so any image can be made again alone.",
+    )
+    source = command.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--preset", choices=_MODEL_PRESETS, help="a built-in model with random weights (tiny: small, fast, for demos)"
+    )
+    source.add_argument("--model", metavar="PATH", help="a diffusers folder or a single .safetensors/.ckpt checkpoint")
+    command.add_argument("--vae", metavar="FILE", help="a VAE file replacing the model's own")
+    command.add_argument(
+        "--hypernetwork",
+        metavar="FILE[:STRENGTH]",
+        action="append",
+        default=[],
+        type=_hypernetwork_argument,
+        help="a hypernetwork (.pt or .safetensors) and its strength (default 1); repeat to apply several in "
+        f"order. Without it, --preset tiny uses {_TRAIN_OUTPUT}/hypernetwork.safetensors when "
+        "`nai-fast train --preset tiny` has written it",
+    )
+    command.add_argument(
+        "--prompt", required=True, metavar="TEXT", help="what to draw; long prompts, (emphasis:1.2) and BREAK work"
+    )
+    command.add_argument(
+        "--negative-prompt", default="", metavar="TEXT", help="what to steer away from (default: none)"
+    )
+    command.add_argument("--seed", type=int, help="seed of the first image (default: a random one)")
+    command.add_argument("--width", type=int, default=512, help="pixels, a multiple of 64 (default: 512)")
+    command.add_argument("--height", type=int, default=512, help="pixels, a multiple of 64 (default: 512)")
+    command.add_argument("--steps", type=_positive_int, default=28, help="sampling steps (default: 28)")
+    command.add_argument(
+        "--sampler",
+        choices=("euler_a", "euler", "ddim", "dpmpp_2m_karras"),
+        default="euler_a",
+        help="sampler (default: euler_a, NovelAI's)",
+    )
+    command.add_argument("--scale", type=float, default=11.0, help="classifier-free guidance scale (default: 11)")
+    command.add_argument(
+        "--clip-skip", type=_positive_int, default=2, help="CLIP layer, from the last; 2 is NovelAI's (default: 2)"
+    )
+    command.add_argument("--batch-size", type=_positive_int, default=1, help="images per batch (default: 1)")
+    command.add_argument("--batch-count", type=_positive_int, default=1, help="batches to generate (default: 1)")
+    command.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    command.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        help="precision of the networks (default: float16 on CUDA, float32 elsewhere)",
+    )
+    command.add_argument(
+        "--output-dir", default="nai-fast-images", metavar="DIR", help="where PNGs go (default: nai-fast-images)"
+    )
+    command.set_defaults(run=_run_generate)
+
+
+def _hypernetwork_argument(text: str) -> tuple[str, float]:
+    # The strength follows the last colon only if it reads as a number, so C:\x.pt stays a path.
+    path, colon, strength = text.rpartition(":")
+    if colon:
+        try:
+            return path, float(strength)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import secrets
+    import warnings
+    from pathlib import Path
+
+    import torch
+
+    from .attention import apply_hypernetworks
+    from .generate import (
+        DEFAULT_TRAIN_OUTPUT,
+        TRAINED_HYPERNETWORK_FILE,
+        ResolutionWarning,
+        check_resolution,
+        save_numbered,
+        txt2img,
+    )
+    from .hypernetwork import Hypernetwork
+    from .models import load_model
+    from .text import LongPromptEncoder
+
+    with warnings.catch_warnings():  # a bad size fails before the model loads; txt2img warns
+        warnings.simplefilter("ignore", ResolutionWarning)
+        check_resolution(args.width, args.height)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    model = load_model(args.model or args.preset, vae=args.vae)
+    # A dtype passed to diffusers' .to() logs a warning even when nothing changes.
+    model.to(device, None if dtype == model.unet.dtype else dtype)
+    hypernetworks = list(args.hypernetwork)
+    trained = Path(DEFAULT_TRAIN_OUTPUT) / TRAINED_HYPERNETWORK_FILE
+    if not hypernetworks and trained.is_file():
+        if args.preset == "tiny":  # the demo: `nai-fast train --preset tiny` trained it for these weights
+            print(f"using the hypernetwork trained for the tiny preset: {trained}", file=sys.stderr)
+            hypernetworks.append((str(trained), 1.0))
+        else:
+            print(f"hint: {trained} holds a trained hypernetwork; add --hypernetwork {trained} to use it", file=sys.stderr)
+    if hypernetworks:
+        networks = [Hypernetwork.load(path).to(device) for path, _ in hypernetworks]
+        apply_hypernetworks(model.unet, networks, [strength for _, strength in hypernetworks])
+    seed = secrets.randbelow(2**32) if args.seed is None else args.seed
+    encoder = LongPromptEncoder(model.tokenizer, model.text_encoder, clip_skip=args.clip_skip)
+    for batch in range(args.batch_count):
+        images = txt2img(
+            model,
+            args.prompt,
+            negative_prompt=args.negative_prompt,
+            width=args.width,
+            height=args.height,
+            steps=args.steps,
+            guidance_scale=args.scale,
+            seed=seed + batch * args.batch_size,
+            sampler=args.sampler,
+            clip_skip=args.clip_skip,
+            batch_size=args.batch_size,
+            encoder=encoder,
+            progress=sys.stderr.isatty(),
+        )
+        for generated in images:
+            print(save_numbered(generated, args.output_dir))
+    return 0
+
+
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
+    command = commands.add_parser(
+        "train",
+        help="train a hypernetwork (or fine-tune the U-Net) on a folder of tagged images",
+        description="Train a NovelAI-style hypernetwork (default) or fine-tune the U-Net on a folder of images "
+        "with .txt tags beside them, with aspect-ratio buckets, shuffled tags, prompts of varied length "
+        "(up to 225 tokens) and the penultimate CLIP layer. Writes hypernetwork.safetensors and "
+        "hypernetwork.pt (the web UI's format), or unet.safetensors, plus training_state.pt (for --resume), "
+        "training_log.csv and samples/ into the output folder; every checkpoint file is replaced atomically. "
+        "Runs unchanged under torchrun (one process per GPU, or gloo on CPU).",
+    )
+    source = command.add_mutually_exclusive_group()
+    source.add_argument(
+        "--preset", choices=_MODEL_PRESETS, help="a built-in model with random weights (default: tiny, for demos)"
+    )
+    source.add_argument("--model", metavar="PATH", help="a diffusers folder or a single .safetensors/.ckpt checkpoint")
+    command.add_argument(
+        "--data",
+        metavar="DIR",
+        help="images with .txt tags beside them (default with --preset tiny: a small procedural dataset made "
+        "once in OUTPUT_DIR/demo-data)",
+    )
+    command.add_argument(
+        "--output-dir", default=_TRAIN_OUTPUT, metavar="DIR", help=f"where results go (default: {_TRAIN_OUTPUT})"
+    )
+    command.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/training_state.pt")
+    command.add_argument(
+        "--mode",
+        choices=("hypernetwork", "finetune"),
+        default="hypernetwork",
+        help="train a hypernetwork with everything else frozen, or fine-tune the U-Net (default: hypernetwork)",
+    )
+    command.add_argument(
+        "--max-steps",
+        type=_positive_int,
+        default=1000,
+        help="optimizer steps in all, resumed ones included (default: 1000)",
+    )
+    command.add_argument(
+        "--batch-size", type=_positive_int, default=4, help="images per batch and process (default: 4)"
+    )
+    command.add_argument(
+        "--grad-accum", type=_positive_int, default=1, help="batches whose gradients add up to one step (default: 1)"
+    )
+    command.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (default: 1e-5)")
+    command.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine", "linear"),
+        default="constant",
+        help="after warmup (default: constant)",
+    )
+    command.add_argument("--warmup-steps", type=int, default=0, help="linear warmup from 0 (default: 0)")
+    command.add_argument(
+        "--resolution",
+        type=int,
+        metavar="PIXELS",
+        help="side of the square base bucket; the SD 1.x grid (512x768 budget, sides 256..1024) is scaled to it "
+        "(default: 128 for --preset tiny, the model's native size otherwise, 512 for SD 1.x)",
+    )
+    command.add_argument(
+        "--mixed-precision",
+        choices=("no", "fp16", "bf16"),
+        default="no",
+        help="autocast dtype; fp16 on CUDA adds loss scaling; frozen networks are stored in it on CUDA (default: no)",
+    )
+    command.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute U-Net activations in backward: less memory, slower",
+    )
+    command.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=1.0,
+        help="clip the gradient norm to this; 0 turns clipping off (default: 1)",
+    )
+    command.add_argument(
+        "--penalty-weight",
+        type=float,
+        default=1.0,
+        help="weight of NovelAI's penalty on the hypernetwork's shallowest (320-wide in SD 1.x) modules; 0 turns "
+        "it off (default: 1)",
+    )
+    command.add_argument(
+        "--ema", action="store_true", help="keep an EMA of the U-Net weights (finetune; unet_ema.safetensors)"
+    )
+    command.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay (default: 0.9999)")
+    command.add_argument(
+        "--caption-dropout", type=float, default=0.0, help="probability of training on an empty caption (default: 0)"
+    )
+    command.add_argument(
+        "--keep-tokens", type=int, default=0, metavar="K", help="leading tags kept in place when shuffling (default: 0)"
+    )
+    command.add_argument(
+        "--min-caption-tokens",
+        type=int,
+        default=50,
+        help="captions are cut (trailing tags dropped) to a token budget drawn between this and 75 x max chunks "
+        "(default: 50)",
+    )
+    command.add_argument("--max-chunks", type=_positive_int, default=3, help="75-token chunks per caption (default: 3)")
+    command.add_argument(
+        "--clip-skip",
+        type=_positive_int,
+        default=2,
+        help="CLIP layer counted from the last: 2 is NovelAI's (default: 2)",
+    )
+    command.add_argument(
+        "--hypernetwork-structure",
+        default="1,2,1",
+        metavar="M,M,...",
+        help="widths of the hypernetwork's layers as multiples of the input width, starting and ending with 1 "
+        "(default: 1,2,1)",
+    )
+    command.add_argument(
+        "--activation",
+        default="linear",
+        help="after each hidden layer: linear (none), relu, swish, ... (default: linear)",
+    )
+    command.add_argument("--layer-norm", action="store_true", help="a LayerNorm after every hypernetwork layer")
+    command.add_argument(
+        "--hypernetwork-dropout", type=float, default=0.0, help="dropout after the hidden layers (default: 0)"
+    )
+    command.add_argument(
+        "--cache-latents",
+        action="store_true",
+        help="encode each image once per bucket and keep its VAE latents; freezes one crop per image and bucket",
+    )
+    command.add_argument(
+        "--save-every",
+        type=int,
+        default=500,
+        metavar="N",
+        help="checkpoint every N steps; 0: only at the end (default: 500)",
+    )
+    command.add_argument(
+        "--sample-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="sample images every N steps and at the end; 0: never (default: 0)",
+    )
+    command.add_argument(
+        "--sample-prompt",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="prompt of a sample image (seed SEED+i for the i-th); repeat for several (default: the first image's tags)",
+    )
+    command.add_argument(
+        "--sample-steps", type=_positive_int, default=20, help="sampling steps of samples (default: 20)"
+    )
+    command.add_argument(
+        "--seed", type=int, default=0, help="seed of shuffles, crops, noise and initial weights (default: 0)"
+    )
+    command.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    command.add_argument("--device", help="torch device (default: this process's GPU if there is one, else cpu)")
+    command.add_argument(
+        "--max-consecutive-skips",
+        type=_positive_int,
+        default=10,
+        help="stop after this many steps in a row with a non-finite loss (default: 10)",
+    )
+    command.add_argument("--no-progress", action="store_true", help="no progress bar")
+    command.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import logging
+
+    from .train import TrainConfig, train
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        structure = tuple(float(m) for m in args.hypernetwork_structure.split(","))
+    except ValueError:
+        raise ValueError(
+            f"--hypernetwork-structure must be numbers separated by commas, got {args.hypernetwork_structure!r}"
+        ) from None
+    config = TrainConfig(
+        model=args.model or args.preset or "tiny",
+        data=args.data,
+        output_dir=args.output_dir,
+        mode=args.mode,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        lr_schedule=args.lr_schedule,
+        warmup_steps=args.warmup_steps,
+        resolution=args.resolution,
+        mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing,
+        max_grad_norm=args.max_grad_norm or None,
+        penalty_weight=args.penalty_weight,
+        ema=args.ema,
+        ema_decay=args.ema_decay,
+        caption_dropout=args.caption_dropout,
+        keep_tokens=args.keep_tokens,
+        min_caption_tokens=args.min_caption_tokens,
+        max_chunks=args.max_chunks,
+        clip_skip=args.clip_skip,
+        hypernetwork_structure=structure,
+        activation=args.activation,
+        layer_norm=args.layer_norm,
+        hypernetwork_dropout=args.hypernetwork_dropout,
+        cache_latents=args.cache_latents,
+        save_every=args.save_every,
+        sample_every=args.sample_every,
+        sample_prompts=tuple(args.sample_prompt),
+        sample_steps=args.sample_steps,
+        seed=args.seed,
+        workers=args.workers,
+        device=args.device,
+        resume=args.resume,
+        max_consecutive_skips=args.max_consecutive_skips,
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    result = train(config)
+    for path in result.paths:
+        print(path)
+    if result.paths:  # rank 0 only: the others wrote nothing
+        loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
+        skipped = ", ".join(f"{count} {reason}" for reason, count in result.skipped_files.items()) or "none"
+        print(
+            f"{result.steps} steps, last loss {loss}; skipped steps {result.skipped_steps}, empty batches "
+            f"{result.empty_batches}; files not trained on: {skipped}",
+            file=sys.stderr,
+        )
     return 0
 
 

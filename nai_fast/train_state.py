@@ -1,0 +1,115 @@
+"""Training files written atomically (a kill mid-write never destroys the last one), and the
+random-number state a resume needs.
+
+Every file is written to a temporary file in the destination's own folder, flushed
+and fsynced, then moved over the destination with ``os.replace`` (atomic on POSIX
+and Windows within one filesystem), and the folder entry is fsynced. A crash, a
+kill or an exception at any moment leaves either the old file or the new one,
+never a partial file under the real name; the temporary file is removed on error.
+
+A training state is a plain dict of tensors, numbers, strings, lists and dicts, so
+it is written with ``torch.save`` and read back with ``torch.load(weights_only=True)``:
+loading a state never runs code from the file.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["atomic_write", "load_state", "restore_rng_states", "rng_states", "save_state"]
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
+    """Call ``write(temporary_path)`` and move the result to ``path`` atomically.
+
+    The temporary file keeps ``path``'s suffix (writers that choose the format by
+    suffix still work) and starts with a dot, so it is never mistaken for a result.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        write(temporary)
+        os.chmod(temporary, _new_file_mode())  # some writers create private (0600) files
+        with open(temporary, "rb+") as written:
+            os.fsync(written.fileno())  # the bytes reach the disk before the name points at them
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+    return path
+
+
+def _new_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _fsync_folder(folder: Path) -> None:
+    # The rename itself must reach the disk too; Windows cannot open folders, where this is moot.
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def save_state(state: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write a training state atomically with ``torch.save``."""
+    return atomic_write(path, lambda temporary: torch.save(state, temporary))
+
+
+def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a state written by :func:`save_state`; tensors land on the CPU; no code is run."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def rng_states() -> dict[str, Any]:
+    """This process's torch (CPU and CUDA), NumPy and Python random states, in types that
+    ``torch.load(weights_only=True)`` accepts (NumPy's key array becomes a tensor)."""
+    numpy_state = np.random.get_state(legacy=False)
+    python_version, python_internal, python_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "bit_generator": numpy_state["bit_generator"],
+            "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+            "pos": int(numpy_state["state"]["pos"]),
+            "has_gauss": int(numpy_state["has_gauss"]),
+            "gauss": float(numpy_state["gauss"]),
+        },
+        "python": [python_version, list(python_internal), python_gauss],
+    }
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    """Undo :func:`rng_states`: set every generator it saved."""
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    numpy_state = states["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": numpy_state["bit_generator"],
+            "state": {"key": numpy_state["key"].numpy().astype(np.uint32), "pos": numpy_state["pos"]},
+            "has_gauss": numpy_state["has_gauss"],
+            "gauss": numpy_state["gauss"],
+        }
+    )
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))

@@ -1,0 +1,533 @@
+"""The training engine (nai_fast.train), its captions and checkpoint files, and ``nai-fast train``.
+
+Every run uses the tiny preset (built once per module, deep-copied per run), 64-96 px
+images at a 64 px base bucket, and a handful of steps. Torch runs on one thread: on
+shared cores more threads only fight each other.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nai_fast import train as train_module, train_state
+from nai_fast.captions import CaptionAugmenter, CaptionPolicy, split_tags
+from nai_fast.train_state import atomic_write, load_state, save_state
+from nai_fast.cli import main
+from nai_fast.hypernetwork import Hypernetwork
+from nai_fast.train import STATE_FILE, TrainConfig, TrainingDiverged, bucket_grid, train
+
+REPO = Path(__file__).resolve().parents[1]
+SIZES = ((64, 64), (64, 96), (96, 64))
+COLORS = ("red", "green", "blue", "yellow")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from nai_fast.models import load_model
+
+    return load_model("tiny")
+
+
+def write_images(folder: Path, count: int, seed: int = 0) -> Path:
+    """``count`` small PNGs with tag files: a coloured square on a coloured background."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+        width, height = SIZES[index % len(SIZES)]
+        color, background = rng.choice(len(COLORS), size=2, replace=False)
+        pixels = np.zeros((height, width, 3), dtype=np.uint8)
+        pixels[:] = rng.integers(0, 256, 3)
+        pixels[height // 4 : height // 2, width // 4 : width // 2] = rng.integers(0, 256, 3)
+        Image.fromarray(pixels).save(folder / f"{index:03d}.png")
+        tags = f"{COLORS[color]} square, {COLORS[background]} background, small, shape {index}"
+        (folder / f"{index:03d}.txt").write_text(tags, encoding="utf-8")
+    return folder
+
+
+def truncate(path: Path) -> None:
+    """Keep the PNG header (the scan reads the size from it) but cut the pixels: loading fails."""
+    path.write_bytes(path.read_bytes()[:200])
+
+
+def make_config(tmp_path: Path, data: Path, **changes) -> TrainConfig:
+    options = dict(
+        data=str(data),
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        batch_size=2,
+        resolution=64,
+        save_every=0,
+        progress=False,
+        tensorboard=False,
+    )
+    return TrainConfig(**(options | changes))
+
+
+def log_rows(output_dir: str | Path) -> list[dict[str, str]]:
+    with open(Path(output_dir) / "training_log.csv", newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def state_dicts_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+# Captions
+
+
+def augmenter(**policy) -> CaptionAugmenter:
+    from nai_fast.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    return CaptionAugmenter(CaptionPolicy(**policy), lambda text: tokenizer.encode(text, add_special_tokens=False))
+
+
+LONG_CAPTION = ", ".join(f"tag number {i} with several words" for i in range(60))  # ~420 tokens
+
+
+def test_captions_keep_leading_tags_and_vary_in_length_within_the_limit():
+    captions = augmenter(keep_tokens=2, min_tokens=50, max_tokens=225)
+    tags = split_tags(LONG_CAPTION)
+    lengths, orders = [], set()
+    for item in range(40):
+        caption = captions(LONG_CAPTION, epoch=0, item=item)
+        kept = split_tags(caption)
+        assert kept[:2] == tags[:2]
+        assert set(kept) <= set(tags) and len(set(kept)) == len(kept)
+        lengths.append(captions.token_count(kept))
+        orders.add(tuple(kept[2:5]))
+    assert max(lengths) <= 225 and min(lengths) <= 75  # from under one chunk to at most three
+    assert max(lengths) > 150
+    assert len(orders) > 30  # shuffled
+
+
+def test_captions_are_a_function_of_seed_epoch_and_item():
+    captions = augmenter(dropout=0.3)
+    first = [captions(LONG_CAPTION, epoch, item) for epoch in range(3) for item in range(10)]
+    again = [captions(LONG_CAPTION, epoch, item) for epoch in range(3) for item in range(10)]
+    assert first == again
+    assert len(set(first)) > 10
+    assert 0 < first.count("") < len(first)  # dropout
+
+
+def test_short_captions_are_kept_whole_without_shuffle():
+    captions = augmenter(shuffle=False)
+    assert captions("red circle, blue background, top left", 0, 0) == "red circle, blue background, top left"
+
+
+def test_caption_token_count_matches_the_tokenizer():
+    from nai_fast.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    captions = augmenter()
+    tags = ["red circle", "blue background", "1girl", "long hair (braided)"]
+    assert captions.token_count(tags) == len(tokenizer.encode(", ".join(tags), add_special_tokens=False))
+
+
+# Buckets
+
+
+def test_bucket_grid_is_the_sd1_grid_at_512_and_scales_down():
+    from nai_fast.buckets import preset_buckets
+
+    assert np.array_equal(bucket_grid(512, 64), preset_buckets("sd1"))
+    small = bucket_grid(128, 16)
+    assert (small % 16 == 0).all() and [128, 128] in small.tolist()
+    assert (small.prod(axis=1) <= 128 * 192).all()
+    with pytest.raises(ValueError, match="multiple of 64"):
+        bucket_grid(100, 64)
+
+
+# Atomic files
+
+
+def test_atomic_write_replaces_whole_files_and_cleans_up_after_a_failure(tmp_path):
+    target = tmp_path / "state.pt"
+    save_state({"step": 1}, target)
+
+    def fail_half_way(temporary: Path) -> None:
+        temporary.write_bytes(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, fail_half_way)
+    assert load_state(target) == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]
+
+
+def test_random_states_round_trip_through_a_weights_only_state(tmp_path):
+    import random
+
+    torch.manual_seed(3)
+    np.random.seed(3)
+    random.seed(3)
+    save_state({"rng": train_state.rng_states()}, tmp_path / "s.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(4)
+    np.random.seed(4)
+    random.seed(4)
+    train_state.restore_rng_states(load_state(tmp_path / "s.pt")["rng"])
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1])
+    assert random.random() == expected[2]
+
+
+# Training runs
+
+
+def test_hypernetwork_training_writes_loadable_files_and_leaves_the_model_alone(tmp_path, tiny):
+    data = write_images(tmp_path / "data", 6)
+    model = copy.deepcopy(tiny)
+    result = train(make_config(tmp_path, data, max_steps=3, save_every=2, record_items=True), model=model)
+
+    out = tmp_path / "out"
+    assert result.steps == 3 and len(result.losses) == 3 and np.isfinite(result.losses).all()
+    assert {p.name for p in result.paths} == {"hypernetwork.safetensors", "hypernetwork.pt", STATE_FILE}
+    trained = result.hypernetwork.state_dict()
+    for name in ("hypernetwork.safetensors", "hypernetwork.pt"):
+        loaded = Hypernetwork.load(out / name)
+        assert loaded.step == 3 and loaded.widths == (32, 64)
+        assert state_dicts_equal(loaded.state_dict(), trained)
+    assert torch.load(out / "hypernetwork.pt", weights_only=True)["layer_structure"] == [1.0, 2.0, 1.0]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        initial = Hypernetwork((32, 64))
+    assert not state_dicts_equal(initial.state_dict(), trained)  # it learned something
+    for name in ("unet", "vae", "text_encoder"):  # frozen: not a bit changed
+        assert state_dicts_equal(getattr(model, name).state_dict(), getattr(tiny, name).state_dict())
+    assert model.unet.attn_processors.keys() == tiny.unet.attn_processors.keys()
+    assert not any("Hypernetwork" in type(p).__name__ for p in model.unet.attn_processors.values())
+    assert [row["step"] for row in log_rows(out)] == ["1", "2", "3"]
+    assert all(len(items) == 2 for items in result.trained_items)
+    assert result.skipped_files == {} and result.skipped_steps == 0 and result.empty_batches == 0
+
+
+def test_finetuning_writes_unet_and_ema_weights(tmp_path, tiny):
+    import safetensors.torch
+
+    data = write_images(tmp_path / "data", 4)
+    model = copy.deepcopy(tiny)
+    result = train(make_config(tmp_path, data, mode="finetune", ema=True, ema_decay=0.5, lr=1e-3), model=model)
+
+    out = tmp_path / "out"
+    assert not (out / "hypernetwork.safetensors").exists()
+    trained = safetensors.torch.load_file(out / "unet.safetensors")
+    ema = safetensors.torch.load_file(out / "unet_ema.safetensors")
+    original = tiny.unet.state_dict()
+    assert trained.keys() == original.keys() == ema.keys()
+    assert state_dicts_equal(trained, {k: v for k, v in model.unet.state_dict().items()})
+    assert not state_dicts_equal(trained, original)
+    assert not state_dicts_equal(ema, trained) and not state_dicts_equal(ema, original)
+    assert state_dicts_equal(model.vae.state_dict(), tiny.vae.state_dict())
+    assert result.hypernetwork is None and result.steps == 2
+
+
+@pytest.mark.parametrize(("mode", "lr", "ratio"), [("hypernetwork", 1e-2, 0.85), ("finetune", 1e-3, 0.1)])
+def test_loss_falls_when_overfitting_one_image(tmp_path, tiny, mode, lr, ratio):
+    data = write_images(tmp_path / "data", 1)
+    config = make_config(tmp_path, data, mode=mode, lr=lr, batch_size=1, max_steps=30, fixed_noise=True)
+    losses = train(config, model=copy.deepcopy(tiny)).losses
+    assert len(losses) == 30
+    assert losses[-1] < ratio * losses[0]
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tmp_path, tiny):
+    data = write_images(tmp_path / "data", 2)
+    models = {flag: copy.deepcopy(tiny) for flag in (False, True)}
+    plain, checkpointed = (
+        train(
+            make_config(tmp_path / str(flag), data, lr=1e-3, gradient_checkpointing=flag), model=model
+        ).hypernetwork.state_dict()
+        for flag, model in models.items()
+    )
+    assert any(getattr(module, "gradient_checkpointing", False) for module in models[True].unet.modules())
+    assert all(torch.allclose(plain[k], checkpointed[k], rtol=0, atol=1e-6) for k in plain)
+
+
+def test_bf16_autocast_and_v_prediction_train(tmp_path, tiny):
+    from diffusers import DDPMScheduler
+
+    data = write_images(tmp_path / "data", 2)
+    model = copy.deepcopy(tiny).with_scheduler(
+        DDPMScheduler.from_config(tiny.scheduler.config, prediction_type="v_prediction")
+    )
+    result = train(make_config(tmp_path, data, mixed_precision="bf16", mode="finetune"), model=model)
+    assert result.steps == 2 and np.isfinite(result.losses).all()
+
+
+def test_sample_images_are_written_with_their_parameters(tmp_path, tiny):
+    pytest.importorskip("nai_fast.generate")
+    data = write_images(tmp_path / "data", 2)
+    config = make_config(
+        tmp_path, data, max_steps=1, sample_every=1, sample_steps=2, sample_prompts=("red square", "blue square")
+    )
+    result = train(config, model=copy.deepcopy(tiny))
+    samples = sorted((tmp_path / "out" / "samples").iterdir())
+    assert [p.name for p in samples] == ["step000001-0.png", "step000001-1.png"]
+    assert set(samples) <= set(result.paths)
+    with Image.open(samples[1]) as image:
+        assert image.size == (64, 64) and image.text["parameters"].startswith("blue square")
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(mode="hypernetwork", hypernetwork_dropout=0.2, caption_dropout=0.3, workers=1),  # global RNG restored
+        dict(mode="finetune", ema=True, grad_accum=2, lr_schedule="cosine", cache_latents=True),
+    ],
+    ids=["hypernetwork", "finetune"],
+)
+def test_resuming_gives_the_same_weights_as_one_run(tmp_path, tiny, changes):
+    data = write_images(tmp_path / "data", 3)  # 3 batches of 1 an epoch: runs cross epochs, resume mid-epoch
+    common = dict(batch_size=1, lr=1e-3, warmup_steps=2, save_every=2, max_steps=5) | changes
+
+    whole = train(make_config(tmp_path / "whole", data, **common), model=copy.deepcopy(tiny))
+    # The first part stops at step 2 as if killed after its checkpoint; the schedule still spans 5 steps.
+    first = make_config(tmp_path / "parts", data, **common)
+    original_loop = train_module._Run._train_loop
+
+    def stop_after_two(run):
+        run.config.max_steps, target = 2, run.config.max_steps
+        try:
+            original_loop(run)
+        finally:
+            run.config.max_steps = target
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module._Run, "_train_loop", stop_after_two)
+        train(first, model=copy.deepcopy(tiny))
+    resumed_model = copy.deepcopy(tiny)
+    rest = train(make_config(tmp_path / "parts", data, resume=True, **common), model=resumed_model)
+
+    assert rest.steps == 5 and len(rest.losses) == 3
+    assert rest.losses == whole.losses[2:]
+    whole_state = load_state(tmp_path / "whole" / "out" / STATE_FILE)
+    parts_state = load_state(tmp_path / "parts" / "out" / STATE_FILE)
+    assert state_dicts_equal(whole_state["trainable"], parts_state["trainable"])
+    if changes["mode"] == "finetune":
+        assert all(torch.equal(a, b) for a, b in zip(whole_state["ema"]["shadow"], parts_state["ema"]["shadow"]))
+    assert whole_state["sampler"] == parts_state["sampler"]
+    assert [row["loss"] for row in log_rows(tmp_path / "parts" / "out")] == [
+        row["loss"] for row in log_rows(tmp_path / "whole" / "out")
+    ]
+
+
+@pytest.mark.parametrize("failing", ["training_state", "hypernetwork"])
+def test_an_interrupted_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, tiny, monkeypatch, failing):
+    data = write_images(tmp_path / "data", 4)
+    real_save = torch.save
+    calls = {"count": 0}
+
+    def save_then_die_at_the_second_checkpoint(obj, path, *args, **kwargs):
+        if failing in Path(path).name:
+            calls["count"] += 1
+            if calls["count"] == 2:
+                Path(path).write_bytes(b"half a checkpoint")
+                raise OSError("killed while writing")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_then_die_at_the_second_checkpoint)
+    with pytest.raises(OSError, match="killed while writing"):
+        train(make_config(tmp_path, data, max_steps=4, save_every=2), model=copy.deepcopy(tiny))
+
+    out = tmp_path / "out"
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left
+    assert load_state(out / STATE_FILE)["step"] == 2
+    assert Hypernetwork.load(out / "hypernetwork.pt").step == (2 if failing == "hypernetwork" else 4)
+    assert Hypernetwork.load(out / "hypernetwork.safetensors").step == 4  # written before the failing file
+
+
+def nan_after(calls: int, count: int | None = None):
+    """A stand-in for the diffusion loss: NaN from call ``calls`` + 1, for ``count`` calls (None: ever after)."""
+    real = train_module._prediction_loss
+    seen = {"calls": 0}
+
+    def loss(prediction, target):
+        seen["calls"] += 1
+        value = real(prediction, target)
+        bad = seen["calls"] > calls and (count is None or seen["calls"] <= calls + count)
+        return value * float("nan") if bad else value
+
+    return loss
+
+
+def test_a_non_finite_loss_skips_the_step(tmp_path, tiny, monkeypatch):
+    data = write_images(tmp_path / "data", 4)
+    monkeypatch.setattr(train_module, "_prediction_loss", nan_after(1, count=1))
+    model = copy.deepcopy(tiny)
+    result = train(make_config(tmp_path, data, max_steps=3, batch_size=1), model=model)
+    assert result.steps == 3 and result.skipped_steps == 1
+    assert np.isfinite(result.losses).all()
+    assert all(torch.isfinite(p).all() for p in result.hypernetwork.parameters())
+    assert [row["skipped_steps"] for row in log_rows(tmp_path / "out")] == ["0", "1", "1"]
+
+
+def test_non_finite_losses_in_a_row_stop_the_run_keeping_the_last_checkpoint(tmp_path, tiny, monkeypatch):
+    data = write_images(tmp_path / "data", 4)
+    monkeypatch.setattr(train_module, "_prediction_loss", nan_after(2))
+    config = make_config(tmp_path, data, max_steps=10, batch_size=1, save_every=2, max_consecutive_skips=3)
+    with pytest.raises(TrainingDiverged, match="not finite for 3 steps in a row") as raised:
+        train(config, model=copy.deepcopy(tiny))
+    assert STATE_FILE in str(raised.value)
+    out = tmp_path / "out"
+    assert load_state(out / STATE_FILE)["step"] == 2
+    saved = Hypernetwork.load(out / "hypernetwork.safetensors")
+    assert saved.step == 2 and all(torch.isfinite(p).all() for p in saved.parameters())
+
+
+def test_an_empty_batch_is_skipped_and_its_file_reported(tmp_path, tiny, caplog):
+    data = write_images(tmp_path / "data", 4)
+    truncate(data / "002.png")
+    # Epoch 0 is 4 batches of 1 with 3 good ones: 4 steps take all of it and go on into epoch 1.
+    config = make_config(tmp_path, data, max_steps=4, batch_size=1, record_items=True)
+    with caplog.at_level("WARNING", logger="nai_fast.train"):
+        result = train(config, model=copy.deepcopy(tiny))
+    empties = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped an empty batch")]
+    assert result.steps == 4 and result.empty_batches == len(empties) >= 1
+    assert "epoch 0" in empties[0]
+    assert result.skipped_files == {"OSError: image file is truncated": 1}  # once, however often it failed
+    trained = [item for step in result.trained_items for item in step]
+    assert sorted(trained[:3]) == ["000.png", "001.png", "003.png"] and "002.png" not in trained
+    assert log_rows(tmp_path / "out")[-1]["skipped"] == "1"
+
+
+DDP_SCRIPT = """
+import json, os, sys
+import torch
+from nai_fast.models import load_model
+from nai_fast.train import TrainConfig, train
+
+data, output_dir, report = sys.argv[1:4]
+config = TrainConfig(data=data, output_dir=output_dir, max_steps=4, batch_size=1, resolution=64, lr=1e-3,
+                     save_every=2, progress=False, tensorboard=False, record_items=True)
+result = train(config, model=load_model("tiny"))
+rank = int(os.environ["RANK"])  # train() has closed the process group it opened
+torch.save({"rank": rank, "items": result.trained_items, "paths": [str(p) for p in result.paths],
+            "empty_batches": result.empty_batches, "skipped": result.skipped_files, "losses": result.losses,
+            "weights": result.hypernetwork.state_dict()}, f"{report}/rank{rank}.pt")
+"""
+
+
+def test_two_processes_under_torchrun_share_the_work(tmp_path):
+    data = write_images(tmp_path / "data", 8)
+    truncate(data / "005.png")  # one rank gets an empty batch: both must skip it together
+    script = tmp_path / "ddp_train.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    report = tmp_path / "report"
+    report.mkdir()
+    environment = os.environ | {
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        str(data),
+        str(tmp_path / "out"),
+        str(report),
+    ]
+    finished = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=240)
+    assert finished.returncode == 0, finished.stderr[-4000:]
+
+    ranks = [torch.load(report / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    # Epoch 0 is 4 batches of 1 per rank, one of them skipped on both: its first 3 steps, then epoch 1.
+    epoch_0 = [[item for step in rank["items"][:3] for item in step] for rank in ranks]
+    assert set(epoch_0[0]).isdisjoint(epoch_0[1])  # disjoint shards
+    assert len(set(epoch_0[0] + epoch_0[1])) == 6 and "005.png" not in epoch_0[0] + epoch_0[1]
+    assert ranks[0]["empty_batches"] == ranks[1]["empty_batches"] >= 1
+    assert ranks[0]["skipped"] == ranks[1]["skipped"] == {"OSError: image file is truncated": 1}
+    assert state_dicts_equal(ranks[0]["weights"], ranks[1]["weights"])
+    assert ranks[0]["losses"] == ranks[1]["losses"]  # the logged loss is the mean over ranks
+    assert ranks[1]["paths"] == [] and ranks[0]["paths"]
+    assert [row["step"] for row in log_rows(tmp_path / "out")] == ["1", "2", "3", "4"]  # one writer
+    assert state_dicts_equal(
+        Hypernetwork.load(tmp_path / "out" / "hypernetwork.safetensors").state_dict(), ranks[0]["weights"]
+    )
+    assert len(load_state(tmp_path / "out" / STATE_FILE)["rng"]) == 2  # both ranks' random states
+
+
+# The command line
+
+
+def test_cli_trains_on_the_demo_dataset_and_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["train", "--preset", "tiny", "--output-dir", str(out), "--resolution", "64", "--batch-size", "2"]
+    assert main([*base, "--max-steps", "2"]) == 0
+    assert (out / "demo-data").is_dir() and len(list((out / "demo-data").glob("*.png"))) > 8
+    assert Hypernetwork.load(out / "hypernetwork.pt").step == 2
+    assert Hypernetwork.load(out / "hypernetwork.safetensors").step == 2
+    assert main([*base, "--max-steps", "3", "--resume"]) == 0
+    assert Hypernetwork.load(out / "hypernetwork.pt").step == 3
+    assert "hypernetwork.safetensors" in capsys.readouterr().out
+    state = load_state(out / STATE_FILE)
+    assert json.loads(state["config"])["data"] is None and state["step"] == 3
+
+
+def test_cli_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for option in (
+        "--preset",
+        "--model",
+        "--data",
+        "--output-dir",
+        "--max-steps",
+        "--resume",
+        "--mode",
+        "--batch-size",
+        "--grad-accum",
+        "--lr",
+        "--lr-schedule",
+        "--warmup-steps",
+        "--resolution",
+        "--mixed-precision",
+        "--gradient-checkpointing",
+        "--max-grad-norm",
+        "--penalty-weight",
+        "--ema",
+        "--caption-dropout",
+        "--keep-tokens",
+        "--hypernetwork-structure",
+        "--activation",
+        "--layer-norm",
+        "--save-every",
+        "--sample-every",
+        "--sample-prompt",
+        "--seed",
+        "--workers",
+        "--device",
+        "--cache-latents",
+    ):
+        assert option in text
+
+
+def test_cli_reports_bad_options_as_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--output-dir", str(tmp_path), "--hypernetwork-structure", "1,x,1"])
+    assert exited.value.code == 2
+    assert "hypernetwork-structure" in capsys.readouterr().err
