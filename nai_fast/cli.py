@@ -21,6 +21,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_buckets(commands)
     _add_generate(commands)
     _add_train(commands)
+    _add_info(commands)
     args = parser.parse_args(argv)
     try:
         return args.run(args)
@@ -469,6 +470,56 @@ def _run_train(args: argparse.Namespace) -> int:
             f"{result.empty_batches}; files not trained on: {skipped}",
             file=sys.stderr,
         )
+    return 0
+
+
+def _add_info(commands: argparse._SubParsersAction) -> None:
+    command = commands.add_parser(
+        "info",
+        help="show versions, the GPU, and which kernels run; with --kernels, their cost model",
+        description="Show the versions of nai_fast and its libraries, CUDA and the GPUs, the compiled extension, "
+        "and which implementation each fused op takes here (NAI_FAST_KERNELS). With --kernels, also the cost "
+        "model's figures for every fused op at the SD 1.x U-Net's attention shapes (float16, classifier-free "
+        "guidance): FLOPs, the HBM bytes the kernels and the eager ops move, and the roofline time floors on "
+        "A100 (312 TFLOP/s, 2.0 TB/s) and H100 SXM (989 TFLOP/s, 3.35 TB/s).",
+    )
+    command.add_argument("--kernels", action="store_true", help="also print the kernels' cost model")
+    command.add_argument(
+        "--size",
+        metavar="WxH",
+        action="append",
+        type=_size_argument,
+        help="image size for --kernels; repeat for several (default: 512x512 and 512x768)",
+    )
+    command.add_argument("--chunks", type=_positive_int, default=1, help="prompt chunks of 77 tokens (default: 1)")
+    command.add_argument("--json", action="store_true", help="print JSON instead of text")
+    command.set_defaults(run=_run_info)
+
+
+def _size_argument(text: str) -> tuple[int, int]:
+    width, _, height = text.lower().partition("x")
+    try:
+        return int(width), int(height)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 512x768, got {text!r}") from None
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from .info import environment, format_environment, format_kernel_costs, kernel_costs
+
+    info = environment()
+    sizes = args.size or [(512, 512), (512, 768)]
+    if args.kernels:
+        info["kernel_costs"] = {
+            f"{width}x{height}": kernel_costs(width, height, chunks=args.chunks) for width, height in sizes
+        }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(format_environment(info))
+    for size, rows in info.get("kernel_costs", {}).items():
+        print(f"\nfused kernels at {size}, {args.chunks} prompt chunk(s), float16, per call:\n")
+        print(format_kernel_costs(rows))
     return 0
 
 

@@ -31,6 +31,7 @@ from . import cross_attention as _cross_attention_module
 from . import hyper_kv as _hyper_kv_module
 from .chunk_concat import chunk_concat_reference
 from .cross_attention import cross_attention_reference
+from ._triton import platform_reasons
 from .hyper_kv import MLP, hyper_kv_reference
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "chunk_concat_reference",
     "cross_attention",
     "cross_attention_reference",
+    "dispatch_summary",
     "hyper_kv",
     "hyper_kv_reference",
     "kernel_mode",
@@ -60,6 +62,30 @@ def kernel_mode() -> str:
     if mode not in MODES:
         raise ValueError(f"{ENV_VAR}={value!r} is not one of {', '.join(MODES)}")
     return mode
+
+
+# op name -> its module and one of its kernels (a process's kernels all interpret, or all compile)
+_OPS = {
+    "chunk_concat": (_chunk_concat_module, _chunk_concat_module._forward_kernel),
+    "cross_attention": (_cross_attention_module, _cross_attention_module._forward_kernel),
+    "hyper_kv": (_hyper_kv_module, _hyper_kv_module._hidden_kernel),
+}
+
+
+def dispatch_summary(device: torch.device) -> dict[str, str]:
+    """What each op runs on tensors on ``device`` as ``NAI_FAST_KERNELS`` stands now:
+    ``"Triton"``, or the eager reference and why. (An op's inputs may still send it to its
+    reference, each op's ``not_supported_reasons`` says when.)"""
+    summary = {}
+    for name, (_, kernel) in _OPS.items():
+        if not kernels_requested(device):
+            mode = kernel_mode()
+            why = f"{ENV_VAR}={mode}" if mode == "reference" else f"{device.type} tensors ({ENV_VAR}=auto takes Triton on CUDA)"
+            summary[name] = f"eager reference: {why}"
+        else:
+            reasons = platform_reasons(kernel, device)
+            summary[name] = "Triton" if not reasons else f"eager reference: {'; '.join(reasons)}"
+    return summary
 
 
 def kernels_requested(device: torch.device) -> bool:
