@@ -30,6 +30,7 @@ __all__ = [
     "make_buckets",
     "nearest_buckets",
     "preset_buckets",
+    "scaled_buckets",
 ]
 
 # Bucket-grid settings of the models nai_fast knows. "sd1" is NovelAI's 2022
@@ -89,6 +90,20 @@ def preset_buckets(name: str) -> np.ndarray:
         return make_buckets(**PRESETS[name])
     except KeyError:
         raise ValueError(f"unknown bucket preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+def scaled_buckets(resolution: int, unit: int = 64) -> np.ndarray:
+    """The ``sd1`` grid (512x768 budget, sides 256..1024, step 64, base 512x512) scaled to a
+    base side of ``resolution``, every side a multiple of ``unit`` (the pixels one latent
+    cell of the U-Net's deepest level covers: 64 for SD 1.x). ``scaled_buckets(512)`` is
+    ``preset_buckets("sd1")``."""
+    if resolution < unit or resolution % unit:
+        raise ValueError(f"resolution must be a positive multiple of {unit} for this model, got {resolution}")
+    scale = resolution / 512
+    step = max(unit, round(64 * scale / unit) * unit)
+    min_side = max(step, round(256 * scale / step) * step)
+    max_side = max(min_side, round(1024 * scale / step) * step)
+    return make_buckets(round(512 * 768 * scale * scale), max_side, min_side, step, (resolution, resolution))
 
 
 def aspect_keys(sizes: np.ndarray, metric: str = "log") -> np.ndarray:

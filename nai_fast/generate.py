@@ -26,8 +26,9 @@ progress=True) -> list[GeneratedImage]`` generates with a
   unconditional half is skipped (diffusers skips it for every scale <= 1; here any
   other scale, below 1 included, is guided).
 - **Sizes**: width and height must be multiples of 64 (ValueError); a size whose aspect
-  ratio or area lies well outside the SD 1.x training buckets
-  (``nai_fast.buckets.preset_buckets("sd1")``) gets a :class:`ResolutionWarning`.
+  ratio or area lies well outside the model's training buckets (the SD 1.x grid scaled
+  to ``model.resolution``, :func:`nai_fast.buckets.scaled_buckets`) gets a
+  :class:`ResolutionWarning`.
 - Runs under ``torch.inference_mode`` with the networks (and installed hypernetworks)
   in eval mode, giving each module back its own training flag afterwards, so a
   training loop can call it for sample images.
@@ -129,16 +130,16 @@ def seeded_generators(seed: int, count: int) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(seed + index) for index in range(count)]
 
 
-def check_resolution(width: int, height: int) -> None:
+def check_resolution(width: int, height: int, resolution: int = 512) -> None:
     """ValueError unless both sides are positive multiples of 64; a :class:`ResolutionWarning`
-    when the aspect ratio or the area lies beyond the SD 1.x bucket grid's range by more
-    than a factor of 1.5."""
+    when the aspect ratio or the area lies beyond the range of the training buckets of a
+    model of ``resolution`` (512: SD 1.x's) by more than a factor of 1.5."""
     for name, side in (("width", width), ("height", height)):
         if side <= 0 or side % SIZE_STEP:
             raise ValueError(f"{name} must be a positive multiple of {SIZE_STEP}, got {side}")
-    from .buckets import preset_buckets
+    from .buckets import scaled_buckets
 
-    buckets = preset_buckets("sd1")
+    buckets = scaled_buckets(resolution, SIZE_STEP)
     ratios = buckets[:, 0] / buckets[:, 1]
     areas = buckets[:, 0] * buckets[:, 1]
     ratio, area = width / height, width * height
@@ -149,7 +150,7 @@ def check_resolution(width: int, height: int) -> None:
     else:
         return
     warnings.warn(
-        f"{width}x{height} is far from the SD 1.x training buckets: {reason}; expect repeated or cut-off "
+        f"{width}x{height} is far from the model's training buckets: {reason}; expect repeated or cut-off "
         "subjects",
         ResolutionWarning,
         stacklevel=3,
@@ -199,7 +200,7 @@ def txt2img(
     defaults when None. ``clip_skip`` applies either way. ``progress`` shows a tqdm bar
     of the steps.
     """
-    check_resolution(width, height)
+    check_resolution(width, height, model.resolution)
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be at least 1, got {steps} and {batch_size}")
     if not math.isfinite(guidance_scale):

@@ -73,6 +73,17 @@ class StableDiffusion:
         """Pixels per latent along a side (8 for SD 1.x)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @property
+    def resolution(self) -> int:
+        """The side of the square images the model was built for (512 for SD 1.x, 128 for tiny)."""
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    @property
+    def size_unit(self) -> int:
+        """Pixels one latent cell of the U-Net's deepest level covers: image sides must be
+        multiples of it (64 for SD 1.x)."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> StableDiffusion:
         """Moves the networks (in place, as ``nn.Module.to`` does) and returns ``self``."""
         for module in (self.unet, self.vae, self.text_encoder):

@@ -98,7 +98,6 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainingDiverged",
-    "bucket_grid",
     "train",
 ]
 
@@ -119,7 +118,6 @@ LOG_COLUMNS = ("step", "epoch", "loss", "penalty", "lr", "images_per_s", "skippe
 
 _STATE_FORMAT = 1
 _NOISE_STREAM = 0x6E6F6973  # "nois": keeps noise seeds apart from other (seed, ...) streams
-_DEFAULT_RESOLUTION = {"tiny": 128}  # presets whose native size is needlessly slow on a CPU
 # Config fields that may change between a run and its resume without changing what is trained.
 _RESUMABLE_CHANGES = frozenset(
     {
@@ -158,7 +156,7 @@ class TrainConfig:
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     weight_decay: float = 0.01
-    resolution: int | None = None  # side of the base bucket; None: 128 for tiny, else the model's native size
+    resolution: int | None = None  # side of the base bucket; None: the model's (512 for SD 1.x, 128 for tiny)
     max_aspect_error: float | None = 0.5  # prune images this far (log units) from every bucket
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
@@ -237,21 +235,6 @@ class TrainResult:
     trained_items: list[list[str]] = field(
         default_factory=list, repr=False
     )  # per step, this rank's files (record_items)
-
-
-def bucket_grid(resolution: int, unit: int) -> np.ndarray:
-    """The sd1 bucket grid (512x768 budget, sides 256..1024, step 64, base 512x512) scaled
-    to a base side of ``resolution``; every side a multiple of ``unit`` (the pixels one
-    latent cell of the U-Net's deepest level covers, 64 for SD 1.x)."""
-    from .buckets import make_buckets
-
-    if resolution < unit or resolution % unit:
-        raise ValueError(f"resolution must be a positive multiple of {unit} for this model, got {resolution}")
-    scale = resolution / 512
-    step = max(unit, round(64 * scale / unit) * unit)
-    min_side = max(step, round(256 * scale / step) * step)
-    max_side = max(min_side, round(1024 * scale / step) * step)
-    return make_buckets(round(512 * 768 * scale * scale), max_side, min_side, step, (resolution, resolution))
 
 
 def train(config: TrainConfig, *, model: StableDiffusion | None = None) -> TrainResult:
@@ -494,7 +477,7 @@ class _Run:
     def _set_up_data(self) -> None:
         from torch.utils.data import DataLoader
 
-        from .buckets import assign
+        from .buckets import assign, scaled_buckets
         from .data import BucketBatchSampler, BucketDataset
         from .scan import scan
 
@@ -510,13 +493,9 @@ class _Run:
         if session.is_main:
             log.info("data: %s in %s", found.summary(), folder)
         model = self.model
-        unit = model.vae_scale_factor * 2 ** (len(model.unet.config.block_out_channels) - 1)
-        self.resolution = (
-            config.resolution
-            or _DEFAULT_RESOLUTION.get(config.model)
-            or (model.unet.config.sample_size * model.vae_scale_factor)
-        )
-        buckets = bucket_grid(self.resolution, unit)
+        unit = model.size_unit
+        self.resolution = config.resolution or model.resolution
+        buckets = scaled_buckets(self.resolution, unit)
         bucket_ids = assign(found.sizes, buckets, max_aspect_error=config.max_aspect_error)
         self.pruned = int((bucket_ids < 0).sum())
         self.sampler = BucketBatchSampler(bucket_ids, buckets, config.batch_size, seed=config.seed, sizes=found.sizes)

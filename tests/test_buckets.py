@@ -14,6 +14,7 @@ from nai_fast.buckets import (
     make_buckets,
     nearest_buckets,
     preset_buckets,
+    scaled_buckets,
 )
 
 SD1_BUCKETS = [
@@ -315,3 +316,12 @@ def test_plan_rejects_bad_arguments(kwargs, message):
         EpochPlan(ids, make_buckets(), **{"batch_size": 2, **kwargs})
     with pytest.raises(ValueError, match="bucket_ids"):
         EpochPlan(np.array([0, 99]), make_buckets(), 1)
+
+
+def test_scaled_buckets_are_the_sd1_grid_at_512_and_scale_down():
+    assert np.array_equal(scaled_buckets(512, 64), preset_buckets("sd1"))
+    small = scaled_buckets(128, 16)
+    assert (small % 16 == 0).all() and [128, 128] in small.tolist()
+    assert (small.prod(axis=1) <= 128 * 192).all()
+    with pytest.raises(ValueError, match="multiple of 64"):
+        scaled_buckets(100, 64)

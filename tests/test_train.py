@@ -26,7 +26,7 @@ from nai_fast.captions import CaptionAugmenter, CaptionPolicy, split_tags
 from nai_fast.train_state import atomic_write, load_state, save_state
 from nai_fast.cli import main
 from nai_fast.hypernetwork import Hypernetwork
-from nai_fast.train import STATE_FILE, TrainConfig, TrainingDiverged, bucket_grid, train
+from nai_fast.train import STATE_FILE, TrainConfig, TrainingDiverged, train
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = ((64, 64), (64, 96), (96, 64))
@@ -145,17 +145,6 @@ def test_caption_token_count_matches_the_tokenizer():
 
 
 # Buckets
-
-
-def test_bucket_grid_is_the_sd1_grid_at_512_and_scales_down():
-    from nai_fast.buckets import preset_buckets
-
-    assert np.array_equal(bucket_grid(512, 64), preset_buckets("sd1"))
-    small = bucket_grid(128, 16)
-    assert (small % 16 == 0).all() and [128, 128] in small.tolist()
-    assert (small.prod(axis=1) <= 128 * 192).all()
-    with pytest.raises(ValueError, match="multiple of 64"):
-        bucket_grid(100, 64)
 
 
 # Atomic files
