@@ -10,8 +10,11 @@ install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH)"
 	$(PYTHON) -m pip install --quiet -e ".[test]"
 
+# Train a hypernetwork on a generated tagged image set with the tiny preset, then draw with it.
 demo: install
-	nai-fast buckets
+	nai-fast train --preset tiny --output-dir nai-fast-output --max-steps 200
+	nai-fast generate --preset tiny --prompt "red circle, large, blue background, top left" \
+		--negative-prompt "green, small" --seed 1 --width 128 --height 192 --steps 20 --output-dir nai-fast-images
 
 # The tests, then every benchmark once on small sizes so the suites never rot.
 test: install

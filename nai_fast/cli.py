@@ -203,7 +203,6 @@ def _run_generate(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
     model = load_model(args.model or args.preset, vae=args.vae)
-    # A dtype passed to diffusers' .to() logs a warning even when nothing changes.
     model.to(device, None if dtype == model.unet.dtype else dtype)
     hypernetworks = list(args.hypernetwork)
     trained = Path(DEFAULT_TRAIN_OUTPUT) / TRAINED_HYPERNETWORK_FILE

@@ -86,8 +86,10 @@ class StableDiffusion:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> StableDiffusion:
         """Moves the networks (in place, as ``nn.Module.to`` does) and returns ``self``."""
+        # Only what is asked: diffusers warns about any dtype argument, even None.
+        arguments = {name: value for name, value in (("device", device), ("dtype", dtype)) if value is not None}
         for module in (self.unet, self.vae, self.text_encoder):
-            module.to(device=device, dtype=dtype)
+            module.to(**arguments)
         return self
 
     def pipeline_components(self) -> dict[str, Any]:

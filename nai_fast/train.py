@@ -398,6 +398,12 @@ class _Run:
         config, session = self.config, self.session
         if session.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            if not config.resume and (self.output_dir / STATE_FILE).is_file():
+                log.warning(
+                    "%s holds an earlier run's checkpoint: this run starts over and replaces it at its first "
+                    "save (pass --resume to continue that run instead)",
+                    self.output_dir,
+                )
         self.model = self.model if self.model is not None else _load_model(config.model)
         self._set_up_model()
         self._set_up_data()
