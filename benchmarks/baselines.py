@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
+
+import torch
 import torch.nn.functional as F
 
 from nai_fast.hypernetwork import Hypernetwork
+from nai_fast.text import LongPromptEncoder, encode_chunk_by_chunk
 
 
 class WebUIProcessor:
@@ -33,3 +38,29 @@ class WebUIProcessor:
         hidden_states = F.scaled_dot_product_attention(query, key, value)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, inner_dim).to(query.dtype)
         return attn.to_out[1](attn.to_out[0](hidden_states))
+
+
+class ChunkByChunkEncoder:
+    """The web UI's text conditioning behind the encoder interface ``txt2img`` and the
+    benchmarks take: ``encode`` returns what :meth:`LongPromptEncoder.encode` does, computed
+    by :func:`~nai_fast.text.encode_chunk_by_chunk` (one text-encoder call per chunk, prompts
+    and negative prompts apart, every layer run and one picked).
+
+    ``encoder`` supplies the tokenizer, text encoder and options (chunks, syntax, emphasis).
+    """
+
+    def __init__(self, encoder: LongPromptEncoder) -> None:
+        self.encoder = encoder
+
+    def encode(
+        self,
+        prompts: str | Sequence[str],
+        negative_prompts: str | Sequence[str] | None = None,
+        *,
+        clip_skip: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        encoder = self.encoder
+        if clip_skip is not None and clip_skip != encoder.clip_skip:
+            encoder = copy.copy(encoder)  # encode_chunk_by_chunk reads the encoder's own clip_skip
+            encoder.clip_skip = clip_skip
+        return encode_chunk_by_chunk(encoder, prompts, negative_prompts)

@@ -14,10 +14,15 @@ _EXPORTS = {
     "apply_hypernetworks": "nai_fast.attention",
     "remove_hypernetworks": "nai_fast.attention",
     "Hypernetwork": "nai_fast.hypernetwork",
+    "txt2img": "nai_fast.generate",
+    "load_model": "nai_fast.models",
     "patch_pipeline": "nai_fast.pipeline",
     "unpatch_pipeline": "nai_fast.pipeline",
+    "upgrade_pipeline": "nai_fast.pipeline",
     "LongPromptEncoder": "nai_fast.text",
     "load_tokenizer": "nai_fast.tokenizer",
+    "TrainConfig": "nai_fast.train",
+    "train": "nai_fast.train",
 }
 __all__ = ["__version__", *_EXPORTS]
 
