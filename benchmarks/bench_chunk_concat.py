@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import torch
 from conftest import BASELINE, smoke_mode
+from cost_report import PASSES, predictions
 
 from nai_fast.kernels.chunk_concat import chunk_concat_reference
-from nai_fast.kernels.cost import DEVICES, chunk_concat_cost
+from nai_fast.kernels.cost import chunk_concat_cost
 from nai_fast.prompts import kept_positions
 
 CHUNKS_PER_PROMPT, LENGTH = 3, 77
@@ -41,31 +42,6 @@ def compact_destination(prompts: int) -> tuple[torch.Tensor, int]:
     return destination.view(prompts * CHUNKS_PER_PROMPT, LENGTH), prompts * len(kept)
 
 
-def predictions(chunks: int, width: int, num_rows: int) -> tuple[dict[str, float], str]:
-    """The cost model for float16 on GPUs: extra_info entries and a one-line summary."""
-    info, summary = {}, []
-    for name, backward in (("forward", False), ("backward", True)):
-        cost = chunk_concat_cost(chunks, LENGTH, width, num_rows, backward=backward)
-        info |= {
-            f"{name}_bytes_minimal": cost.minimal.bytes,
-            f"{name}_bytes_fused": cost.implemented.bytes,
-            f"{name}_bytes_eager": cost.eager.bytes,
-            f"{name}_launches_fused": cost.implemented.launches,
-            f"{name}_launches_eager": cost.eager.launches,
-        }
-        floors = []
-        for device in DEVICES:
-            fused, eager = cost.implemented.time_floor(device) * 1e6, cost.eager.time_floor(device) * 1e6
-            info |= {f"{name}_{device.name}_floor_us_fused": fused, f"{name}_{device.name}_floor_us_eager": eager}
-            floors.append(f"{device.name} {fused:.2f} vs {eager:.2f} us")
-        summary.append(
-            f"{name} {cost.implemented.bytes / 1e6:.2f} vs {cost.eager.bytes / 1e6:.2f} MB "
-            f"({cost.byte_ratio():.1f}x), {cost.implemented.launches} vs {cost.eager.launches} launches, "
-            + ", ".join(floors)
-        )
-    return info, "; ".join(summary)
-
-
 def test_reference_forward_backward(timed, benchmark, note, shape):
     batch, width = shape
     prompts = 2 * batch  # each image's prompt and negative prompt
@@ -85,6 +61,8 @@ def test_reference_forward_backward(timed, benchmark, note, shape):
     output = timed(f"chunk_concat forward+backward B={batch} D={width}", BASELINE, forward_backward, rounds=20)
     assert output.shape == (num_rows, width) and torch.isfinite(output).all()
 
-    info, summary = predictions(chunks, width, num_rows)
+    info, summary = predictions(
+        {name: chunk_concat_cost(chunks, LENGTH, width, num_rows, backward=backward) for name, backward in PASSES}
+    )
     benchmark.extra_info |= info
     note(f"chunk_concat B={batch} D={width}, float16 GPU model, fused vs eager: {summary}")

@@ -24,17 +24,20 @@ from collections.abc import Callable
 import pytest
 import torch
 from conftest import BASELINE, smoke_mode
+from cost_report import PASSES, predictions
 
-from nai_fast.kernels.cost import A100, DEVICES, H100_SXM, Device, cross_attention_cost
+from nai_fast.kernels.cost import A100, H100_SXM, Device, cross_attention_cost
 from nai_fast.kernels.cross_attention import cross_attention_reference
+from nai_fast.kernels.shapes import attention_levels
 
 BATCH, HEADS = 2, 8
 KEY_LENGTHS = (77, 154, 231)
-# (Lq, head_dim) of the cross-attention layers: down/up blocks by depth, then the mid block.
-LAYERS = {"512x512": [(4096, 40), (1024, 80), (256, 160), (64, 160)],
-          "512x768": [(6144, 40), (1536, 80), (384, 160), (96, 160)]}  # fmt: skip
-FULL = [(query_length, key_length, head_dim) for layers in LAYERS.values()
-        for query_length, head_dim in layers for key_length in KEY_LENGTHS]  # fmt: skip
+# (Lq, head_dim) of SD 1.x's distinct cross-attention layers at 512x512 and 512x768.
+LAYERS = sorted(
+    {(level.tokens, level.head_dim) for size in ((512, 512), (512, 768)) for level in attention_levels(*size)},
+    key=lambda layer: (-layer[0], layer[1]),
+)
+FULL = [(query_length, key_length, head_dim) for query_length, head_dim in LAYERS for key_length in KEY_LENGTHS]
 SMOKE = [(256, 77, 40)]
 L2_BYTES = 64 << 20  # more than an H100's 50 MB: rotated input sets never hit in L2
 
@@ -68,19 +71,14 @@ def test_reference_and_predictions(timed, benchmark, note, shape):
     output = timed(f"cross_attention fwd+bwd {describe(shape)} (CPU)", BASELINE, forward_backward)
     assert torch.isfinite(output).all() and torch.isfinite(q.grad).all()
 
-    for name, backward in (("forward", False), ("backward", True)):
-        cost = cross_attention_cost(BATCH, HEADS, query_length, key_length, head_dim, backward=backward)
-        floors = []
-        for device in DEVICES:
-            fused, eager = cost.implemented.time_floor(device) * 1e6, cost.eager.time_floor(device) * 1e6
-            minimal = cost.minimal.time_floor(device) * 1e6
-            benchmark.extra_info[f"{name}_{device.name}_floor_us"] = dict(minimal=minimal, fused=fused, eager=eager)
-            floors.append(f"{device.name} {minimal:.1f}/{fused:.1f}/{eager:.1f} us ({cost.predicted_speedup(device):.1f}x)")
-        note(
-            f"cross_attention {name} {describe(shape)} fp16 model: {cost.implemented.bytes / 1e6:.1f} vs "
-            f"{cost.eager.bytes / 1e6:.1f} MB ({cost.byte_ratio():.1f}x), {cost.implemented.launches} vs "
-            f"{cost.eager.launches} launches; floors minimal/fused/eager: " + ", ".join(floors)
-        )
+    info, summary = predictions(
+        {
+            name: cross_attention_cost(BATCH, HEADS, query_length, key_length, head_dim, backward=backward)
+            for name, backward in PASSES
+        }
+    )
+    benchmark.extra_info |= info
+    note(f"cross_attention {describe(shape)}, float16 GPU model, fused vs eager: {summary}")
 
 
 # -- GPU: every provider, timed with CUDA events ---------------------------------------------

@@ -19,8 +19,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import BASELINE, smoke_mode
+from cost_report import PASSES, predictions
 
-from nai_fast.kernels.cost import DEVICES, H100_SXM, hyper_kv_cost
+from nai_fast.kernels.cost import H100_SXM, hyper_kv_cost
 from nai_fast.kernels.hyper_kv import MLP, hyper_kv, hyper_kv_reference
 from nai_fast.kernels.shapes import attention_levels
 
@@ -61,31 +62,6 @@ def make_inputs(tokens: int, width: int, device: str, dtype: torch.dtype, requir
     return x, normal(width, width, scale=width**-0.5), normal(width, width, scale=width**-0.5), mlp(), mlp()
 
 
-def predictions(tokens: int, width: int) -> tuple[dict[str, float], str]:
-    """The cost model for float16 on GPUs: extra_info entries and a one-line summary."""
-    info, summary = {}, []
-    for name, backward in (("forward", False), ("backward", True)):
-        cost = hyper_kv_cost(tokens, width, activation=ACTIVATION, backward=backward)
-        info |= {
-            f"{name}_bytes_minimal": cost.minimal.bytes,
-            f"{name}_bytes_fused": cost.implemented.bytes,
-            f"{name}_bytes_eager": cost.eager.bytes,
-            f"{name}_launches_fused": cost.implemented.launches,
-            f"{name}_launches_eager": cost.eager.launches,
-        }
-        floors = []
-        for device in DEVICES:
-            fused, eager = cost.implemented.time_floor(device) * 1e6, cost.eager.time_floor(device) * 1e6
-            info |= {f"{name}_{device.name}_floor_us_fused": fused, f"{name}_{device.name}_floor_us_eager": eager}
-            floors.append(f"{device.name} {fused:.1f} vs {eager:.1f} us ({cost.predicted_speedup(device):.2f}x)")
-        summary.append(
-            f"{name} {cost.implemented.bytes / 1e6:.1f} vs {cost.eager.bytes / 1e6:.1f} MB "
-            f"({cost.byte_ratio():.2f}x), {cost.implemented.launches} vs {cost.eager.launches} launches, "
-            + ", ".join(floors)
-        )
-    return info, "; ".join(summary)
-
-
 def test_reference_on_cpu(timed, benchmark, note, shape):
     name, tokens, width = shape
     x, k_weight, v_weight, k_mlp, v_mlp = make_inputs(tokens, width, "cpu", torch.float32, requires_grad=True)
@@ -99,7 +75,9 @@ def test_reference_on_cpu(timed, benchmark, note, shape):
     key, value = timed(f"hyper_kv fwd+bwd {name} M={tokens} C={width}", BASELINE, forward_backward)
     assert key.shape == value.shape == (tokens, width) and torch.isfinite(key).all()
 
-    info, summary = predictions(tokens, width)
+    info, summary = predictions(
+        {name: hyper_kv_cost(tokens, width, activation=ACTIVATION, backward=backward) for name, backward in PASSES}
+    )
     benchmark.extra_info |= info
     note(f"hyper_kv {name} M={tokens} C={width} ({ACTIVATION}), float16 GPU model, fused vs eager: {summary}")
 

@@ -21,7 +21,6 @@ from kernel_proofs import (
     recorded_launches,
     result_of,
     submit_cases,
-    triton_workers,
 )
 
 import nai_fast.kernels as kernels
@@ -31,22 +30,6 @@ from nai_fast.kernels.cost import A100, H100_SXM, chunk_concat_cost, measure_eag
 MODULE = "nai_fast.kernels.chunk_concat"
 EPS = 1e-5
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-@pytest.fixture(scope="module")
-def interpreter():
-    """Worker processes whose kernels run on CPU tensors under Triton's interpreter."""
-    pytest.importorskip("triton")
-    with triton_workers(interpret=True, processes=min(2, os.cpu_count())) as pool:
-        yield pool
-
-
-@pytest.fixture(scope="module")
-def compiler():
-    """A worker process whose kernels compile for GPUs."""
-    pytest.importorskip("triton")
-    with triton_workers(interpret=False) as pool:
-        yield pool
 
 
 def op_module():

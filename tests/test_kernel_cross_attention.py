@@ -16,7 +16,6 @@ from kernel_proofs import (
     recorded_launches,
     result_of,
     submit_cases,
-    triton_workers,
 )
 
 import nai_fast.kernels as kernels
@@ -35,22 +34,6 @@ HEAD_DIMS = (40, 64, 80, 160)  # SD 1.x: 40, 80, 160; SD 2.x and SDXL: 64
 TAILED_HEAD_DIMS = (40, 80, 160)  # main and tail tiles; 64 is a main tile alone
 # Shared memory a block may use: 163 KiB on A100, 227 KiB on H100.
 MAX_SHARED = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
-
-
-@pytest.fixture(scope="module")
-def interpreter():
-    """Worker processes whose kernels run on CPU tensors under Triton's interpreter."""
-    pytest.importorskip("triton")
-    with triton_workers(interpret=True, processes=min(2, os.cpu_count())) as pool:
-        yield pool
-
-
-@pytest.fixture(scope="module")
-def compiler():
-    """A worker process whose kernels compile for GPUs."""
-    pytest.importorskip("triton")
-    with triton_workers(interpret=False) as pool:
-        yield pool
 
 
 def op_module():

@@ -17,7 +17,6 @@ from kernel_proofs import (
     recorded_launches,
     result_of,
     submit_cases,
-    triton_workers,
 )
 
 import nai_fast.kernels as kernels
@@ -36,22 +35,6 @@ MODULE = "nai_fast.kernels.hyper_kv"
 # Shared memory a block may use: 163 KiB on A100, 227 KiB on H100.
 MAX_SHARED = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
 PARAMETERS = ("k_weight", "v_weight", "k_w1", "k_b1", "k_w2", "k_b2", "v_w1", "v_b1", "v_w2", "v_b2")
-
-
-@pytest.fixture(scope="module")
-def interpreter():
-    """Worker processes whose kernels run on CPU tensors under Triton's interpreter."""
-    pytest.importorskip("triton")
-    with triton_workers(interpret=True, processes=min(2, os.cpu_count())) as pool:
-        yield pool
-
-
-@pytest.fixture(scope="module")
-def compiler():
-    """A worker process whose kernels compile for GPUs."""
-    pytest.importorskip("triton")
-    with triton_workers(interpret=False) as pool:
-        yield pool
 
 
 def op_module():
