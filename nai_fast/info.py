@@ -77,7 +77,8 @@ def kernel_costs(width: int = 512, height: int = 512, *, chunks: int = 1, images
     Each row: ``op``, ``level``, ``calls`` (per U-Net step), ``shape``, ``pass``, ``gflop``,
     ``fused_mb`` / ``eager_mb`` (HBM traffic as the kernels and the eager ops move it), the
     time floors in microseconds on A100 and H100 (``a100_fused_us``, ``a100_eager_us``...)
-    and ``auto`` (whether ``NAI_FAST_KERNELS=auto`` takes the kernel there on an H100).
+    and ``a100_auto`` / ``h100_auto`` (whether ``NAI_FAST_KERNELS=auto`` takes the kernel
+    there on that GPU).
     ``hyper_kv`` is a ``[1, 2, 1]`` relu hypernetwork's K and V (two calls of the op's
     projection per layer are one row here: both nets).
     """
@@ -92,23 +93,23 @@ def kernel_costs(width: int = 512, height: int = 512, *, chunks: int = 1, images
         for backward in (False, True):
             hyper = hyper_kv_cost(tokens, level.channels, backward=backward)
             attention = cross_attention_cost(*attention_shape, backward=backward)
+            hyper_shape = (tokens, level.channels, 2 * level.channels, level.channels, 2, "relu", backward)
             rows.append(
                 _cost_row(
                     "hyper_kv", level, f"{tokens}x{level.channels}", backward, hyper,
-                    hyper_kv_pays(tokens, level.channels, 2 * level.channels, level.channels, 2, "relu", backward, H100_SXM),
-                    (A100, H100_SXM),
+                    {gpu: hyper_kv_pays(*hyper_shape, gpu) for gpu in (A100, H100_SXM)},
                 )
             )  # fmt: skip
             rows.append(
                 _cost_row(
                     "cross_attention", level, "B{} H{} Lq{} Lk{} d{}".format(*attention_shape), backward, attention,
-                    cross_attention_pays(*attention_shape, 2, backward, H100_SXM), (A100, H100_SXM),
+                    {gpu: cross_attention_pays(*attention_shape, 2, backward, gpu) for gpu in (A100, H100_SXM)},
                 )
             )  # fmt: skip
     return rows
 
 
-def _cost_row(op, level, shape, backward, comparison, auto, devices) -> dict[str, Any]:
+def _cost_row(op, level, shape, backward, comparison, auto_on) -> dict[str, Any]:
     implemented, eager = comparison.implemented, comparison.eager
     row = {
         "op": op,
@@ -120,19 +121,23 @@ def _cost_row(op, level, shape, backward, comparison, auto, devices) -> dict[str
         "fused_mb": implemented.bytes / 1e6,
         "eager_mb": eager.bytes / 1e6,
     }
-    for device in devices:
+    for device, auto in auto_on.items():
         key = device.name.split()[0].lower()
         row[f"{key}_fused_us"] = implemented.time_floor(device) * 1e6
         row[f"{key}_eager_us"] = eager.time_floor(device) * 1e6
-    row["auto"] = auto
+        row[f"{key}_auto"] = auto
     return row
+
+
+def _choice(fused: bool) -> str:
+    return "fused" if fused else "eager"
 
 
 def format_kernel_costs(rows: list[dict[str, Any]]) -> str:
     """The rows of :func:`kernel_costs` as a text table."""
     header = (
         f"{'op':<16}{'level':<8}{'calls':>5}  {'shape':<26}{'pass':<9}{'GFLOP':>8}{'fused MB':>10}{'eager MB':>10}"
-        f"{'A100 us fused/eager':>22}{'H100 us fused/eager':>22}  auto (H100)"
+        f"{'A100 us fused/eager':>22}{'H100 us fused/eager':>22}  auto: A100 H100"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
@@ -140,6 +145,7 @@ def format_kernel_costs(rows: list[dict[str, Any]]) -> str:
             f"{row['op']:<16}{row['level']:<8}{row['calls']:>5}  {row['shape']:<26}{row['pass']:<9}"
             f"{row['gflop']:>8.2f}{row['fused_mb']:>10.1f}{row['eager_mb']:>10.1f}"
             f"{row['a100_fused_us']:>11.1f}/{row['a100_eager_us']:<10.1f}"
-            f"{row['h100_fused_us']:>11.1f}/{row['h100_eager_us']:<10.1f}  {'fused' if row['auto'] else 'eager'}"
+            f"{row['h100_fused_us']:>11.1f}/{row['h100_eager_us']:<10.1f}"
+            f"  {_choice(row['a100_auto'])} {_choice(row['h100_auto'])}"
         )
     return "\n".join(lines)

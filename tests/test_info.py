@@ -47,7 +47,9 @@ def test_kernel_costs_cover_every_level_op_and_pass():
     hyper = next(row for row in rows if row["op"] == "hyper_kv" and row["level"] == "mid" and row["pass"] == "backward")
     cost = hyper_kv_cost(2 * 96, 1280, backward=True)
     assert hyper["a100_eager_us"] == pytest.approx(cost.eager.time_floor(A100) * 1e6)
-    assert hyper["auto"] is False, "the deepest level keeps the eager path"
+    assert not hyper["a100_auto"] and not hyper["h100_auto"], "the deepest level keeps the eager path"
+    down_1 = next(row for row in rows if row["op"] == "hyper_kv" and row["level"] == "down 1")
+    assert (down_1["a100_auto"], down_1["h100_auto"]) == (False, True), "width 640 pays on H100 only"
 
 
 def test_cli_prints_both_sizes(capsys):
