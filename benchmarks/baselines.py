@@ -7,7 +7,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from conftest import BASELINE, FAST
 
+from nai_fast.attention import apply_hypernetworks, remove_hypernetworks
 from nai_fast.hypernetwork import Hypernetwork
 from nai_fast.text import LongPromptEncoder, encode_chunk_by_chunk
 
@@ -64,3 +66,16 @@ class ChunkByChunkEncoder:
             encoder = copy.copy(encoder)  # encode_chunk_by_chunk reads the encoder's own clip_skip
             encoder.clip_skip = clip_skip
         return encode_chunk_by_chunk(encoder, prompts, negative_prompts)
+
+
+def install_processors(unet, stock_processors: dict, role: str, hypernetworks: Sequence[Hypernetwork], **options) -> None:
+    """Put ``role``'s attention processors on ``unet``: nai_fast's (FAST; ``options`` go to
+    ``apply_hypernetworks``; caches start empty), the web UI's (BASELINE), or for any other
+    role the stock ``stock_processors`` (no hypernetwork)."""
+    remove_hypernetworks(unet)
+    if role == FAST:
+        apply_hypernetworks(unet, list(hypernetworks), **options)
+    elif role == BASELINE:
+        unet.set_attn_processor(WebUIProcessor(list(hypernetworks)))
+    else:
+        unet.set_attn_processor(dict(stock_processors))

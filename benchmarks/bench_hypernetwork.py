@@ -29,19 +29,16 @@ Smoke mode: a tiny U-Net, one step.
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
 import pytest
 import torch
-from baselines import WebUIProcessor
-from conftest import BASELINE, FAST, smoke_mode
+from baselines import install_processors
+from conftest import BASELINE, FAST, best_seconds, smoke_mode
 from diffusers import UNet2DConditionModel
 
-from nai_fast.attention import apply_hypernetworks, remove_hypernetworks
 from nai_fast.hypernetwork import Hypernetwork
 
 NONE = "no hypernetwork"
@@ -88,7 +85,6 @@ SMOKE = Setup(
     step_rounds=1,
 )
 
-_best: dict[tuple[str, str], float] = {}  # (group, role) -> best seconds, for the overhead report
 
 
 @pytest.fixture(scope="module")
@@ -112,28 +108,6 @@ def model(setup: Setup) -> tuple[UNet2DConditionModel, dict[str, object], torch.
 def hypernetwork(setup: Setup, activation: str) -> Hypernetwork:
     torch.manual_seed(1)
     return Hypernetwork(widths=setup.widths, layer_structure=(1, 2, 1), activation=activation)
-
-
-def install(unet: UNet2DConditionModel, stock_processors: dict, role: str, hypernetworks: list[Hypernetwork]) -> None:
-    """Put ``role``'s processors on the U-Net; for nai_fast that also starts empty caches."""
-    remove_hypernetworks(unet)
-    if role == FAST:
-        apply_hypernetworks(unet, hypernetworks)
-    else:
-        unet.set_attn_processor(dict(stock_processors) if role == NONE else WebUIProcessor(hypernetworks))
-
-
-def timed_best(timed, group: str, role: str, fn: Callable[[], torch.Tensor], rounds: int) -> torch.Tensor:
-    """``timed``, also keeping the best time in ``_best`` for the overhead report."""
-
-    def measured() -> torch.Tensor:
-        start = time.perf_counter()
-        result = fn()
-        seconds = time.perf_counter() - start
-        _best[group, role] = min(_best.get((group, role), math.inf), seconds)
-        return result
-
-    return timed(group, role, measured, rounds)
 
 
 def step_group(setup: Setup, activation: str | None) -> str:
@@ -163,17 +137,17 @@ def test_unet_step(timed, setup, role, activation):
     hypernetworks = [hypernetwork(setup, activation)] if activation else []
     size = setup.step_latent_size
     latents = torch.randn(2, 4, size, size, generator=torch.Generator().manual_seed(2))
-    install(unet, stock_processors, role, hypernetworks)
+    install_processors(unet, stock_processors, role, hypernetworks)
 
     @torch.no_grad()
     def step() -> torch.Tensor:
         return unet(latents, 500, encoder_hidden_states=context).sample
 
-    output = timed_best(timed, step_group(setup, activation), role, step, setup.step_rounds)
+    output = timed(step_group(setup, activation), role, step, setup.step_rounds)
     if role == FAST:
-        install(unet, stock_processors, BASELINE, hypernetworks)
+        install_processors(unet, stock_processors, BASELINE, hypernetworks)
         torch.testing.assert_close(output, step(), rtol=1e-3, atol=1e-4, msg="both ways compute the same")
-    install(unet, stock_processors, NONE, [])
+    install_processors(unet, stock_processors, NONE, [])
 
 
 @pytest.mark.parametrize(("role", "activation"), roles_and_activations(), ids=ROLE_IDS)
@@ -186,7 +160,7 @@ def test_generation(timed, setup, role, activation):
 
     @torch.no_grad()
     def generate() -> torch.Tensor:
-        install(unet, stock_processors, role, hypernetworks)  # a new generation
+        install_processors(unet, stock_processors, role, hypernetworks)  # a new generation
         latents = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(3))
         for timestep in timesteps:
             step_context = torch.cat([negative, positive])  # anew at every step, as the web UI does
@@ -195,17 +169,17 @@ def test_generation(timed, setup, role, activation):
             latents = latents - noise / setup.generation_steps  # an Euler-like update; the sampler costs nothing
         return latents
 
-    timed_best(timed, generation_group(setup, activation), role, generate, rounds=1)
-    install(unet, stock_processors, NONE, [])
+    timed(generation_group(setup, activation), role, generate, rounds=1)
+    install_processors(unet, stock_processors, NONE, [])
 
 
 def test_overheads(note, setup, smoke):
     """Each way's time over the no-hypernetwork time, from the runs above."""
     caveat = " [smoke: tiny U-Net, one round, not a measurement]" if smoke else ""
     for group_of, what in ((step_group, "step"), (generation_group, "generation")):
-        reference = _best.get((group_of(setup, None), NONE))
+        reference = best_seconds(group_of(setup, None), NONE)
         for activation in ACTIVATIONS:
-            times = {role: _best.get((group_of(setup, activation), role)) for role in (BASELINE, FAST)}
+            times = {role: best_seconds(group_of(setup, activation), role) for role in (BASELINE, FAST)}
             if reference is None or None in times.values():
                 continue
             overheads = ", ".join(
@@ -233,7 +207,7 @@ def test_step_overhead_interleaved(note, setup, smoke, activation):
 
     @torch.no_grad()
     def seconds_per_step(role: str, warm_up: bool) -> float:
-        install(unet, stock_processors, role, hypernetworks)
+        install_processors(unet, stock_processors, role, hypernetworks)
         if warm_up:
             unet(latents, 500, encoder_hidden_states=context)
         start = time.perf_counter()
@@ -245,7 +219,7 @@ def test_step_overhead_interleaved(note, setup, smoke, activation):
         none = seconds_per_step(NONE, warm_up=False)
         ratios[BASELINE].append(seconds_per_step(BASELINE, warm_up=False) / none)
         ratios[FAST].append(seconds_per_step(FAST, warm_up=True) / none)
-    install(unet, stock_processors, NONE, [])
+    install_processors(unet, stock_processors, NONE, [])
     torch.testing.assert_close(outputs[FAST], outputs[BASELINE], rtol=1e-3, atol=1e-4, msg="both ways compute the same")
     caveat = " [smoke: tiny U-Net, one round, not a measurement]" if smoke else ""
     medians = {role: sorted(values)[len(values) // 2] for role, values in ratios.items()}

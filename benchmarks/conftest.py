@@ -7,6 +7,8 @@ runs them) each function runs once on small sizes, so the suites never rot.
 
 from __future__ import annotations
 
+import math
+import time
 from collections import defaultdict
 
 import pytest
@@ -30,17 +32,28 @@ def smoke(request: pytest.FixtureRequest) -> bool:
 @pytest.fixture
 def timed(benchmark, smoke):
     """``timed(group, role, fn, rounds)`` runs ``fn`` under pytest-benchmark
-    and keeps its best time for the ratio report; returns ``fn``'s result."""
+    and keeps its best time (:func:`best_seconds`) for the ratio report; returns
+    ``fn``'s result."""
 
     def run(group: str, role: str, fn, rounds: int = 3):
         benchmark.group = group
         benchmark.extra_info["role"] = role
-        result = benchmark.pedantic(fn, rounds=1 if smoke else rounds, iterations=1)
-        if benchmark.stats is not None:
-            _fastest[group][role] = benchmark.stats.stats.min
-        return result
+
+        def measured():
+            start = time.perf_counter()
+            result = fn()
+            seconds = time.perf_counter() - start
+            _fastest[group][role] = min(_fastest[group].get(role, math.inf), seconds)
+            return result
+
+        return benchmark.pedantic(measured, rounds=1 if smoke else rounds, iterations=1)
 
     return run
+
+
+def best_seconds(group: str, role: str) -> float | None:
+    """The best time ``timed`` has seen for ``role`` in ``group`` (smoke runs included)."""
+    return _fastest.get(group, {}).get(role)
 
 
 @pytest.fixture
@@ -50,7 +63,10 @@ def note():
 
 
 def pytest_terminal_summary(terminalreporter, config):
-    pairs = {group: roles for group, roles in _fastest.items() if {BASELINE, FAST} <= roles.keys()}
+    if smoke_mode(config):  # one round on small sizes: no ratio means anything
+        pairs = {}
+    else:
+        pairs = {group: roles for group, roles in _fastest.items() if {BASELINE, FAST} <= roles.keys()}
     if not pairs and not _notes:
         return
     terminalreporter.section("nai_fast versus baseline")
