@@ -178,6 +178,21 @@ def recorded_launches(module: ModuleType) -> Iterator[list[Launch]]:
         yield launches
 
 
+# Shared memory a block may use (the opt-in maximum): A100 (sm_80) and H100 (sm_90).
+MAX_SHARED = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
+
+
+def assert_fits_the_target(result: CompiledLaunch, record_property) -> None:
+    """No spills, at most 255 registers and the target's shared memory; the figures are
+    recorded as test properties and printed (``pytest -s``)."""
+    usage, target = result.usage, result.target
+    record_property(result.description, f"{usage.registers} registers, {usage.shared} B shared")
+    print(f"{target} {result.description}: {usage.registers} registers, {usage.shared} B shared")
+    assert not usage.spills, f"{result.description} spills on {target}: {usage}"
+    assert usage.registers <= 255, result.description
+    assert usage.shared <= MAX_SHARED[target], f"{result.description} needs {usage.shared} B shared"
+
+
 def compile_distinct(launches: list[Launch], targets: dict[str, Any]) -> list[CompiledLaunch]:
     """Compile every distinct (specialised) launch once per target, in parallel threads."""
     from nai_fast.kernels.compile_check import launch_source

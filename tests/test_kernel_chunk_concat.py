@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from kernel_proofs import (
+    assert_fits_the_target,
     assert_results_as_accurate_as_eager,
     compile_distinct,
     fresh_seed,
@@ -249,11 +250,7 @@ def test_compiles_without_spills(compiled, target, record_property):
     results = [result for result in compiled[1] if result.target == target]
     assert len(results) >= 3 * 2 * len(COMPILE_WIDTHS)
     for result in results:
-        usage = result.usage
-        record_property(result.description, f"{usage.registers} registers, {usage.shared} B shared")
-        print(f"{target} {result.description}: {usage.registers} registers, {usage.shared} B shared")
-        assert not usage.spills, f"{result.description} spills on {target}: {usage}"
-        assert usage.registers <= 255, result.description
+        assert_fits_the_target(result, record_property)
 
 
 def test_sass_shows_no_tensor_core_instructions(compiled):

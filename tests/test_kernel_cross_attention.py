@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 from kernel_proofs import (
+    assert_fits_the_target,
     assert_results_as_accurate_as_eager,
     compile_distinct,
     fresh_seed,
@@ -33,7 +34,6 @@ MODULE = "nai_fast.kernels.cross_attention"
 HEAD_DIMS = (40, 64, 80, 160)  # SD 1.x: 40, 80, 160; SD 2.x and SDXL: 64
 TAILED_HEAD_DIMS = (40, 80, 160)  # main and tail tiles; 64 is a main tile alone
 # Shared memory a block may use: 163 KiB on A100, 227 KiB on H100.
-MAX_SHARED = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
 
 
 def op_module():
@@ -219,12 +219,7 @@ def test_compiles_without_spills(compiled, target, record_property):
     results = [result for result in compiled if result.target == target]
     assert len(results) == 3 * len(COMPILE_VARIANTS)
     for result in results:
-        usage = result.usage
-        record_property(result.description, f"{usage.registers} registers, {usage.shared} B shared")
-        print(f"{target} {result.description}: {usage.registers} registers, {usage.shared} B shared")
-        assert not usage.spills, f"{result.description} spills on {target}: {usage}"
-        assert usage.registers <= 255, result.description
-        assert usage.shared <= MAX_SHARED[target], f"{result.description} needs {usage.shared} B shared"
+        assert_fits_the_target(result, record_property)
 
 
 @pytest.mark.parametrize("target", ["sm_80", "sm_90"])

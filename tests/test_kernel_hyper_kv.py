@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 from kernel_proofs import (
+    assert_fits_the_target,
     assert_results_as_accurate_as_eager,
     compile_distinct,
     fresh_seed,
@@ -33,7 +34,6 @@ from nai_fast.kernels.hyper_kv import (
 
 MODULE = "nai_fast.kernels.hyper_kv"
 # Shared memory a block may use: 163 KiB on A100, 227 KiB on H100.
-MAX_SHARED = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
 PARAMETERS = ("k_weight", "v_weight", "k_w1", "k_b1", "k_w2", "k_b2", "v_w1", "v_b1", "v_w2", "v_b2")
 
 
@@ -292,12 +292,7 @@ def test_compiles_without_spills(compiled, target, record_property):
     activations = len(ACTIVATION_VARIANTS) if target == "sm_80" else 0
     assert len(results) == 3 * len(COMPILE_VARIANTS) + 2 * activations
     for result in results:
-        usage = result.usage
-        record_property(result.description, f"{usage.registers} registers, {usage.shared} B shared")
-        print(f"{target} {result.description}: {usage.registers} registers, {usage.shared} B shared")
-        assert not usage.spills, f"{result.description} spills on {target}: {usage}"
-        assert usage.registers <= 255, result.description
-        assert usage.shared <= MAX_SHARED[target], f"{result.description} needs {usage.shared} B shared"
+        assert_fits_the_target(result, record_property)
 
 
 @pytest.mark.parametrize("target", ["sm_80", "sm_90"])
