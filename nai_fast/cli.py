@@ -69,6 +69,10 @@ def _run_buckets(args: argparse.Namespace) -> int:
 
         found = scan(args.dir, progress=sys.stderr.isatty())
         sizes, source = found.sizes, args.dir
+        if not found.paths:
+            print(f"no images found under {args.dir}", file=sys.stderr)
+            print(_skipped_lines(found.skipped_files(), limit=None), file=sys.stderr, end="")
+            return 1
     figures = describe(
         sizes,
         preset_buckets(args.preset),
@@ -81,6 +85,7 @@ def _run_buckets(args: argparse.Namespace) -> int:
     figures = {"source": source, "preset": args.preset, **figures}
     if found is not None:
         figures["unreadable"] = found.skipped_counts()
+        figures["skipped"] = found.skipped_files()
         figures["files"] = found.num_files
     if args.plot:
         plot(figures, args.plot)
@@ -89,9 +94,25 @@ def _run_buckets(args: argparse.Namespace) -> int:
     else:
         print(f"{source}, preset {args.preset}\n")
         print(format_table(figures))
+        if figures.get("skipped"):
+            print(f"\n{_skipped_lines(figures['skipped'], limit=_SKIPPED_SHOWN)}", end="")
         if args.plot:
             print(f"\nchart written to {args.plot}")
     return 0
+
+
+_SKIPPED_SHOWN = 10  # skipped files named in the text report; --json lists every one
+
+
+def _skipped_lines(skipped: list[dict[str, str]], limit: int | None) -> str:
+    """The skipped files, one ``path: reason`` line each, the first ``limit`` of them."""
+    if not skipped:
+        return ""
+    shown = skipped if limit is None else skipped[:limit]
+    heading = "skipped files"
+    if len(shown) < len(skipped):
+        heading += f" (first {len(shown)} of {len(skipped)}; --json lists all)"
+    return heading + ":\n" + "".join(f"  {item['path']}: {item['reason']}\n" for item in shown)
 
 
 # Built-in models of nai_fast.models.PRESETS, spelled out so `--help` needs no torch import

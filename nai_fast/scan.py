@@ -87,6 +87,10 @@ class ScanResult:
         """Files skipped per reason, in report order; reasons with none left out."""
         return {reason: len(paths) for reason, paths in self.skipped.items() if paths}
 
+    def skipped_files(self) -> list[dict[str, str]]:
+        """Every skipped file as ``{"path": ..., "reason": ...}``, by reason in report order, then path."""
+        return [{"path": path, "reason": reason} for reason, paths in self.skipped.items() for path in paths]
+
     def counts(self) -> dict[str, int]:
         """Number of usable images under ``"ok"``, and of skipped files per reason."""
         return {"ok": len(self.paths)} | self.skipped_counts()

@@ -41,9 +41,33 @@ def test_buckets_on_a_folder_with_a_plot(tmp_path, capsys):
     figures = json.loads(out)
     assert code == 0
     assert figures["files"] == 5 and figures["unreadable"] == {"not_image": 1}
+    assert figures["skipped"] == [{"path": "broken.png", "reason": "not_image"}]
     assert figures["assigned"] == 3 and figures["pruned_aspect"] == 1  # 1:20 is too far from 1:4
     with Image.open(chart) as image:
         assert image.size[0] > 300
+
+
+def test_buckets_names_skipped_files(tmp_path, capsys):
+    Image.new("RGB", (512, 512), "white").save(tmp_path / "fine.png")
+    for index in range(12):
+        (tmp_path / f"broken{index:02}.png").write_bytes(b"\x89PNG but not really")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    code, out = run(capsys, "buckets", str(tmp_path), "--batch-size", "1")
+    assert code == 0
+    assert "skipped files (first 10 of 13; --json lists all):" in out
+    assert "  empty.jpg: empty\n" in out and "  broken00.png: not_image\n" in out
+    assert "broken09.png" not in out  # the 10th shown is broken08 after empty.jpg
+    code, out = run(capsys, "buckets", str(tmp_path), "--batch-size", "1", "--json")
+    skipped = json.loads(out)["skipped"]
+    assert len(skipped) == 13 and {"path": "broken11.png", "reason": "not_image"} in skipped
+
+
+def test_buckets_on_a_folder_without_images(tmp_path):
+    (tmp_path / "notes.txt").write_text("no pictures here")
+    result = subprocess.run(["nai-fast", "buckets", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr == f"no images found under {tmp_path}\n"
+    assert result.stdout == ""
 
 
 def test_missing_folder_is_a_clear_error(tmp_path, capsys):
