@@ -184,6 +184,44 @@ def mismatched_shapes_job() -> None:
         op(hidden, weight[:31], weight, EPS, torch.ones(2, 5), destination, 10)
 
 
+def unrestorable_mean_job(seed: int, dtype: torch.dtype) -> None:
+    """A fresh final LayerNorm (weight 1, bias 0) makes every chunk's mean ~0: the restore is
+    skipped, not divided by ~0, and kernel and reference agree, gradients included."""
+    torch.manual_seed(seed)
+    inputs = random_inputs(3, 77, 64, "full", dtype)
+    inputs["weight"], inputs["bias"] = torch.ones(64, dtype=torch.float64), torch.zeros(64, dtype=torch.float64)
+    plain = run(chunk_concat_reference, inputs, torch.float64, restore_mean=False)
+    reference = run(chunk_concat_reference, inputs, dtype, restore_mean=True)
+    with poisoned_allocations():
+        kernel = run(op_module().chunk_concat, inputs, dtype, restore_mean=True)
+    for name, got, want in zip(("output", "grad hidden", "grad weight", "grad bias"), kernel, reference):
+        assert torch.isfinite(got).all() and torch.isfinite(want).all(), name
+    tolerance = dict(rtol=2e-2, atol=2e-2) if dtype != torch.float32 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(kernel[0].double(), plain[0], **tolerance)
+    torch.testing.assert_close(reference[0].double(), plain[0], **tolerance)
+    for got, want in zip(kernel[1:], plain[1:]):
+        torch.testing.assert_close(got.double(), want, **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_mean_near_zero_is_not_restored(interpreter, dtype):
+    seed = fresh_seed()
+    result_of(interpreter.apply_async(unrestorable_mean_job, (seed, dtype)), seed)
+
+
+def test_an_unrestored_chunk_is_reported_once(monkeypatch, caplog):
+    monkeypatch.setattr(op_module(), "_reported_unrestored", False)
+    hidden, multipliers = torch.randn(2, 5, 32), 1 + torch.rand(2, 5)
+    destination = torch.arange(10).view(2, 5)
+    with caplog.at_level(logging.WARNING, logger=MODULE):
+        for _ in range(2):
+            output = chunk_concat_reference(hidden, torch.ones(32), torch.zeros(32), EPS, multipliers, destination, 10)
+    assert torch.isfinite(output).all()
+    assert [record.getMessage()[:60] for record in caplog.records] == [
+        "emphasis 'original' not restored for 2 of 2 chunks: their we"
+    ]
+
+
 def test_int32_destination_gives_the_same_output(interpreter):
     seed = fresh_seed()
     result_of(interpreter.apply_async(int32_destination_job, (seed,)), seed)

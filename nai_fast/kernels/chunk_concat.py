@@ -7,7 +7,9 @@ computes
     y = LayerNorm(x)            affine, per row of width D
     z = y * w[r]                the emphasis multiplier of each token
     z = z * mean(y) / mean(z)   with ``restore_mean``: the web UI's "original" emphasis
-                                normalisation, means over the whole chunk (L x D values)
+                                normalisation, means over the whole chunk (L x D values);
+                                skipped (z kept) where |mean(z)| < MIN_RESTORED_MEAN, where
+                                the web UI divides by ~0 (a fresh final LayerNorm, bias 0)
 
 and writes row r of chunk c to output row ``destination[c, r]``, or drops it where that is
 -1. A destination listing every row concatenates whole chunks (77 rows each); one keeping
@@ -36,6 +38,7 @@ per pass, mostly from L2 (a chunk is 77 x 768 values); per-row sums are the only
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import torch
@@ -45,6 +48,7 @@ from ._triton import SUPPORTED_DTYPES, dtype_reasons, platform_reasons, tl, trit
 
 __all__ = [
     "MAX_WIDTH",
+    "MIN_RESTORED_MEAN",
     "SUPPORTED_DTYPES",
     "LaunchConfig",
     "chunk_concat",
@@ -53,6 +57,11 @@ __all__ = [
 ]
 
 MAX_WIDTH = 2048  # a row must fit one block; CLIP text encoders are 768 to 1280 wide
+# A chunk whose weighted mean is smaller keeps its emphasis unrestored: LayerNorm outputs are
+# O(1), so such a mean is rounding noise (a zero-mean LayerNorm gives ~1e-7 in float32, ~1e-5
+# in bfloat16) and dividing by it gives inf or NaN, as the web UI does with a fresh encoder.
+MIN_RESTORED_MEAN = 1e-4
+_MIN_RESTORED_MEAN = tl.constexpr(MIN_RESTORED_MEAN)
 _TILE_ELEMENTS = 2048  # values of a tensor a program holds, 8 a thread: 16 make the backward spill
 _MAX_BLOCK_ROWS = 16
 _TOTALS_BLOCK = tl.constexpr(128)  # per-row values a step adds when totalling a chunk
@@ -62,6 +71,8 @@ _BACKWARD_ROWS = tl.constexpr(32)
 
 # Integers whose divisibility would multiply compiled variants without speeding anything up.
 _UNSPECIALIZED = ["chunk_length", "num_rows"]
+
+_logger = logging.getLogger(__name__)
 
 
 # -- Triton ---------------------------------------------------------------------------------
@@ -119,6 +130,13 @@ def _chunk_totals(row_values_ptr, multipliers_ptr, chunk, chunk_length):
     return tl.sum(total, axis=0), tl.sum(weighted_total, axis=0)
 
 
+@triton.jit
+def _restore_factor(total, weighted_total, chunk_length, width):
+    """(f, whether it applies): S / T where the weighted mean T / (L D) is not ~0, else 1."""
+    restorable = tl.abs(weighted_total) >= _MIN_RESTORED_MEAN * chunk_length * width
+    return tl.where(restorable, total / weighted_total, 1.0), restorable
+
+
 @triton.jit(do_not_specialize=_UNSPECIALIZED)
 def _row_sums_kernel(
     hidden_ptr,
@@ -171,7 +189,7 @@ def _forward_kernel(
     scale = tl.load(multipliers_ptr + rows, mask=row_mask, other=0.0)
     if RESTORE_MEAN:
         total, weighted_total = _chunk_totals(row_sums_ptr, multipliers_ptr, chunk, chunk_length)
-        scale *= total / weighted_total
+        scale *= _restore_factor(total, weighted_total, chunk_length, width)[0]
     destination, kept = _destinations(destination_ptr, rows, row_mask, num_rows)
     z = (y * scale[:, None]).to(output_ptr.dtype.element_ty)
     offsets = destination[:, None] * width + cols[None, :]
@@ -209,7 +227,8 @@ def _backward_kernel(
     if RESTORE_MEAN:
         total, weighted_total = _chunk_totals(row_sums_ptr, multipliers_ptr, chunk, chunk_length)
         grad_total = _chunk_totals(row_grad_sums_ptr, multipliers_ptr, chunk, chunk_length)[1]  # G
-        factor = total / weighted_total
+        factor, restorable = _restore_factor(total, weighted_total, chunk_length, width)
+        grad_total = tl.where(restorable, grad_total, 0.0)  # an unrestored chunk has no f to move
     grad_weight = tl.zeros([BLOCK_WIDTH], tl.float32)
     grad_bias = tl.zeros([BLOCK_WIDTH], tl.float32)
     for block_start in range(first_row, tl.minimum(first_row + _BACKWARD_ROWS, chunk_length), BLOCK_ROWS):
@@ -285,6 +304,9 @@ class _ChunkConcat(torch.autograd.Function):
             hidden, weight, bias, multipliers, destination, row_sums, output, *sizes,
             RESTORE_MEAN=restore_mean, **config.options(),
         )  # fmt: skip
+        if restore_mean:
+            weighted_totals = (row_sums.view(chunks, chunk_length) * multipliers).sum(dim=1)
+            _report_unrestored(weighted_totals.abs() < MIN_RESTORED_MEAN * chunk_length * width)
         ctx.save_for_backward(hidden, weight, bias, multipliers, destination, row_sums)
         ctx.sizes, ctx.restore_mean = sizes, restore_mean
         return output
@@ -395,7 +417,28 @@ def chunk_concat_reference(
     weighted = normalized * multipliers.detach().to(normalized.dtype).unsqueeze(-1)
     if restore_mean:
         chunk_dims = (1, 2)
-        weighted = weighted * (normalized.mean(chunk_dims, keepdim=True) / weighted.mean(chunk_dims, keepdim=True))
+        weighted_mean = weighted.mean(chunk_dims, keepdim=True)
+        restorable = weighted_mean.abs() >= MIN_RESTORED_MEAN
+        _report_unrestored(~restorable)
+        # The divisor is 1 where unused, so its gradient stays finite there too.
+        factor = normalized.mean(chunk_dims, keepdim=True) / torch.where(restorable, weighted_mean, 1.0)
+        weighted = weighted * torch.where(restorable, factor, 1.0)
     kept = destination >= 0
     output = weighted.new_zeros(num_rows, hidden.shape[-1])
     return output.index_copy(0, destination[kept], weighted[kept])
+
+
+_reported_unrestored = False
+
+
+def _report_unrestored(unrestored: torch.Tensor) -> None:
+    """Warn, once a process, that chunks keep their emphasis unrestored (reads ``unrestored``)."""
+    global _reported_unrestored
+    if not _reported_unrestored and bool(unrestored.any()):
+        _reported_unrestored = True
+        _logger.warning(
+            "emphasis 'original' not restored for %d of %d chunks: their weighted mean is ~0 (a text encoder "
+            "whose final layer norm has bias 0?); those chunks keep their plain emphasis",
+            int(unrestored.sum()),
+            unrestored.numel(),
+        )
