@@ -112,25 +112,32 @@ def relative_error(actual: torch.Tensor, exact: torch.Tensor) -> float:
     return ((actual.double() - exact).abs().max() / exact.abs().max()).item()
 
 
-def assert_as_accurate_as_eager(what: str, kernel: torch.Tensor, eager: torch.Tensor, exact: torch.Tensor) -> None:
-    """The kernel's result is finite and within 2x the eager error (plus a floor) of ``exact``."""
+def assert_as_accurate_as_eager(
+    what: str, kernel: torch.Tensor, eager: torch.Tensor, exact: torch.Tensor, floor: float = 0.0
+) -> None:
+    """The kernel's result is finite and within 2x the eager error (plus a floor: the dtype's
+    ERROR_FLOOR, or ``floor`` where that is larger) of ``exact``."""
     assert torch.isfinite(exact).all(), f"{what}: the float64 reference is not finite; ill-posed inputs"
     assert torch.isfinite(kernel).all(), f"{what}: the kernel's result has non-finite values"
     kernel_error, eager_error = relative_error(kernel, exact), relative_error(eager, exact)
-    floor = ERROR_FLOOR[kernel.dtype]
+    floor = max(ERROR_FLOOR[kernel.dtype], floor)
     assert (
         kernel_error <= 2 * eager_error + floor
     ), f"{what}: kernel error {kernel_error:.3g} exceeds 2 x eager error {eager_error:.3g} + {floor:g}"
 
 
 def assert_results_as_accurate_as_eager(
-    names: tuple[str, ...], kernel: list[torch.Tensor], eager: list[torch.Tensor], exact: list[torch.Tensor]
+    names: tuple[str, ...],
+    kernel: list[torch.Tensor],
+    eager: list[torch.Tensor],
+    exact: list[torch.Tensor],
+    floor: float = 0.0,
 ) -> None:
     """Each named result (output, gradients) of the kernel keeps the eager result's dtype
     and is as accurate as it (see :func:`assert_as_accurate_as_eager`)."""
     for what, kernel_result, eager_result, exact_result in zip(names, kernel, eager, exact, strict=True):
         assert kernel_result.dtype == eager_result.dtype, what
-        assert_as_accurate_as_eager(what, kernel_result, eager_result, exact_result)
+        assert_as_accurate_as_eager(what, kernel_result, eager_result, exact_result, floor)
 
 
 # -- compilation ----------------------------------------------------------------------------
