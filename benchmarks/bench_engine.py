@@ -44,7 +44,6 @@ from __future__ import annotations
 import csv
 import statistics
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -57,7 +56,7 @@ from baselines import ChunkByChunkEncoder, install_processors
 from conftest import BASELINE, FAST, best_seconds, smoke_mode
 
 from nai_fast.demo_data import make_demo_dataset
-from nai_fast.generate import ResolutionWarning, txt2img
+from nai_fast.generate import no_resolution_warning, txt2img
 from nai_fast.hypernetwork import Hypernetwork
 from nai_fast.models import StableDiffusion, load_model
 from nai_fast.text import LongPromptEncoder
@@ -182,8 +181,7 @@ def generate(engine: Engine, role: str, hypernetwork: Hypernetwork, encoder, siz
     """One image as a new generation would make it: processors installed anew (empty caches)."""
     install_role(engine, role, hypernetwork)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ResolutionWarning)  # small sizes are the point on a CPU
+        with no_resolution_warning():  # small sizes are the point on a CPU
             (generated,) = txt2img(
                 engine.model,
                 PROMPT,

@@ -10,7 +10,10 @@ the layer's own hidden states in self-attention),
     key = to_k(h_k(x)),  value = to_v(h_v(x)),  h(x) = x + strength * net(x),
 
 where ``(h_k, h_v)`` is the module pair for ``x``'s width (a width a hypernetwork
-lacks leaves the layer alone, as in the web UI). Several hypernetworks compose in
+lacks leaves the layer alone, as in the web UI). A hypernetwork none of whose widths
+is the k/v width of any attention layer would change nothing (one made for another
+model): :func:`apply_hypernetworks` refuses it (:class:`HypernetworkMismatchError`),
+and logs a warning naming the widths a partly matching one leaves unused. Several hypernetworks compose in
 order, each with its own strength, as the web UI's ``apply_hypernetworks`` does:
 ``h_k = h2_k o h1_k`` and ``h_v = h2_v o h1_v``. Queries are never touched.
 
@@ -127,6 +130,8 @@ __all__ = [
     "DEFAULT_PENALTY_WEIGHTS",
     "STRENGTH_KWARG",
     "HypernetworkAttnProcessor",
+    "HypernetworkMismatchError",
+    "attention_widths",
     "apply_hypernetworks",
     "hypernetwork_penalty",
     "installed_hypernetworks",
@@ -148,6 +153,11 @@ FUSED_ATTENTION_MAX_KEYS = 4 * 77
 logger = logging.getLogger(__name__)
 
 
+class HypernetworkMismatchError(ValueError):
+    """A hypernetwork with modules for none of a U-Net's attention k/v widths: it would
+    change nothing. The message names its widths, the U-Net's, and the hypernetwork."""
+
+
 def apply_hypernetworks(
     unet: UNet2DConditionModel,
     hypernetworks: Hypernetwork | Sequence[Hypernetwork],
@@ -166,11 +176,17 @@ def apply_hypernetworks(
         penalty_weights: width -> weight of the training penalty (see the module doc).
 
     Applying again replaces the previous set.
+
+    Raises:
+        HypernetworkMismatchError: a hypernetwork has modules for none of the k/v widths
+            of ``unet``'s attention layers (:func:`attention_widths`). One that matches
+            some of them applies where it matches, with a logged warning naming the rest.
     """
     remove_hypernetworks(unet)
     hypernetworks = (hypernetworks,) if isinstance(hypernetworks, Hypernetwork) else tuple(hypernetworks)
     if not all(isinstance(hypernetwork, Hypernetwork) for hypernetwork in hypernetworks):
         raise TypeError("hypernetworks must be a Hypernetwork or a sequence of them")
+    _check_widths(hypernetworks, attention_widths(unet))
     if not all(math.isfinite(weight) and weight >= 0 for weight in penalty_weights.values()):
         raise ValueError(f"penalty weights must be finite and non-negative, got {dict(penalty_weights)}")
     installed = _Installed(
@@ -184,6 +200,52 @@ def apply_hypernetworks(
     installed.hook = unet.register_forward_pre_hook(installed.start_forward, with_kwargs=True)
     unet.set_attn_processor({name: HypernetworkAttnProcessor(installed) for name in installed.original_processors})
     setattr(unet, _INSTALLED, installed)
+
+
+def attention_widths(unet: nn.Module) -> tuple[int, ...]:
+    """The widths of the k/v inputs of ``unet``'s attention layers (the features of ``to_k``'s
+    input), sorted: the widths a hypernetwork needs modules for. SD 1.x: 320, 640, 768, 1280."""
+    widths = set()
+    for module in unet.modules():
+        to_k = getattr(module, "to_k", None) if hasattr(module, "set_processor") else None
+        width = getattr(to_k, "in_features", None)
+        if isinstance(width, int):
+            widths.add(width)
+    return tuple(sorted(widths))
+
+
+def _check_widths(hypernetworks: Sequence[Hypernetwork], model_widths: Sequence[int]) -> None:
+    """Refuse a hypernetwork that matches no attention layer; warn about widths left unused."""
+    for index, hypernetwork in enumerate(hypernetworks, start=1):
+        used = [width for width in hypernetwork.widths if width in model_widths]
+        unused = [width for width in hypernetwork.widths if width not in model_widths]
+        if not unused:
+            continue
+        label = _describe(hypernetwork, index, len(hypernetworks))
+        if not used:
+            raise HypernetworkMismatchError(
+                f"{label} has modules for k/v widths {_widths(unused)}, but this model's attention layers take "
+                f"k/v inputs of widths {_widths(model_widths)}: it would change nothing (made for another model?)"
+            )
+        logger.warning(
+            "%s: no attention layer of this model takes k/v inputs of width %s (the model's: %s); those modules "
+            "are unused, the ones for %s apply",
+            label,
+            _widths(unused),
+            _widths(model_widths),
+            _widths(used),
+        )
+
+
+def _describe(hypernetwork: Hypernetwork, index: int, count: int) -> str:
+    """``hypernetwork 'anime' (runs/anime.pt)``, as much of it as is known."""
+    name = f" {hypernetwork.name!r}" if hypernetwork.name else (f" {index} of {count}" if count > 1 else "")
+    path = f" ({hypernetwork.path})" if getattr(hypernetwork, "path", None) is not None else ""
+    return f"hypernetwork{name}{path}"
+
+
+def _widths(widths: Sequence[int]) -> str:
+    return ", ".join(str(width) for width in widths) or "none"
 
 
 def remove_hypernetworks(unet: UNet2DConditionModel) -> None:

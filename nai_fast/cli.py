@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
+import os
 import sys
 from collections.abc import Sequence
 
@@ -23,10 +26,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_train(commands)
     _add_info(commands)
     args = parser.parse_args(argv)
+    _configure_logging(args.command)
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError) as error:
         parser.exit(2, f"nai-fast {args.command}: error: {error}\n")
+
+
+def _configure_logging(command: str) -> None:
+    """Log records reach the user as one line each on stderr (``WARNING: prompt longer ...``),
+    unless the program embedding us configured logging itself. Training reports its progress
+    at INFO; the other commands say only what needs attention, each thing once (generate
+    meets the same size and prompt at every batch)."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    level = logging.INFO if command == "train" else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    if command != "train":
+        root.handlers[0].addFilter(_OncePerMessage())
+
+
+class _OncePerMessage(logging.Filter):
+    """Lets each distinct message through once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[tuple[int, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.levelno, record.getMessage())
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True
 
 
 def _add_buckets(commands: argparse._SubParsersAction) -> None:
@@ -119,6 +152,8 @@ def _skipped_lines(skipped: list[dict[str, str]], limit: int | None) -> str:
 # (tests/test_generate.py checks the two agree).
 _MODEL_PRESETS = ("sd15", "tiny")
 _TRAIN_OUTPUT = "nai-fast-output"  # nai_fast.generate.DEFAULT_TRAIN_OUTPUT, spelled out for the same reason
+_SIZE_STEP = 64  # nai_fast.generate.SIZE_STEP: sizes are checked before torch is imported
+_MAX_SEED = 2**32 - 1  # nai_fast.generate.MAX_SEED
 
 
 def _add_generate(commands: argparse._SubParsersAction) -> None:
@@ -128,7 +163,7 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         description="Generate images from a prompt with classifier-free guidance, NovelAI's way (penultimate "
         "CLIP layer, long weighted prompts, hypernetworks), and write them as PNGs named INDEX-SEED.png "
         "carrying their generation parameters (the web UI's 'parameters' text). Image i of a run uses seed "
-        "SEED+i, so any image can be made again alone.",
+        "SEED+i, so any image can be made again alone. Arguments and files are checked before any model loads.",
     )
     source = command.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -152,9 +187,17 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
     command.add_argument(
         "--negative-prompt", default="", metavar="TEXT", help="what to steer away from (default: none)"
     )
-    command.add_argument("--seed", type=int, help="seed of the first image (default: a random one)")
-    command.add_argument("--width", type=int, default=512, help="pixels, a multiple of 64 (default: 512)")
-    command.add_argument("--height", type=int, default=512, help="pixels, a multiple of 64 (default: 512)")
+    command.add_argument(
+        "--seed",
+        type=_seed_argument,
+        help=f"seed of the first image, 0..{_MAX_SEED}; -1: a random one, printed (default: -1)",
+    )
+    command.add_argument(
+        "--width",
+        type=int,
+        help="pixels, a multiple of 64 (default: the model's resolution: 512 for SD 1.x, 128 for --preset tiny)",
+    )
+    command.add_argument("--height", type=int, help="pixels, a multiple of 64 (default: the model's resolution)")
     command.add_argument("--steps", type=_positive_int, default=28, help="sampling steps (default: 28)")
     command.add_argument(
         "--sampler",
@@ -181,14 +224,36 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
 
 
 def _hypernetwork_argument(text: str) -> tuple[str, float]:
-    # The strength follows the last colon only if it reads as a number, so C:\x.pt stays a path.
+    # FILE or FILE:STRENGTH. The text after the last colon is a strength when it reads as a
+    # number; otherwise it must be part of the path (C:\x.pt, or a file whose name has a colon).
     path, colon, strength = text.rpartition(":")
-    if colon:
-        try:
-            return path, float(strength)
-        except ValueError:
-            pass
-    return text, 1.0
+    if not colon:
+        return text, 1.0
+    try:
+        value = float(strength)
+    except ValueError:
+        if "/" in strength or "\\" in strength or os.path.exists(text):
+            return text, 1.0
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the strength after the last ':' must be a number, got {strength!r} (and no file is "
+            f"named {text!r})"
+        ) from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: the strength must be a finite number, got {strength!r}")
+    return path, value
+
+
+def _seed_argument(text: str) -> int | None:
+    """A seed in 0..2**32-1, or None (a random one) for -1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value == -1:
+        return None
+    if not 0 <= value <= _MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must lie in 0..{_MAX_SEED}, or be -1 for a random seed; got {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -200,31 +265,35 @@ def _positive_int(text: str) -> int:
 
 def _run_generate(args: argparse.Namespace) -> int:
     import secrets
-    import warnings
     from pathlib import Path
+
+    # Everything that can be checked without a model is checked first, before torch is even
+    # imported: a wrong size, seed or path fails at once, and a failed run writes nothing.
+    for name in ("width", "height"):
+        side = getattr(args, name)
+        if side is not None and (side <= 0 or side % _SIZE_STEP):
+            raise ValueError(f"{name} must be a positive multiple of {_SIZE_STEP}, got {side}")
+    count = args.batch_count * args.batch_size
+    if args.seed is not None and args.seed + count - 1 > _MAX_SEED:
+        raise ValueError(
+            f"--seed {args.seed} with {count} images gives seeds past {_MAX_SEED}; use a seed of at most "
+            f"{_MAX_SEED - count + 1}"
+        )
+    _check_exists("--model", args.model)
+    _check_exists("--vae", args.vae)
+    for path, _ in args.hypernetwork:
+        _check_exists("--hypernetwork", path, file=True)
 
     import torch
 
     from .attention import apply_hypernetworks
-    from .generate import (
-        DEFAULT_TRAIN_OUTPUT,
-        TRAINED_HYPERNETWORK_FILE,
-        ResolutionWarning,
-        check_resolution,
-        save_numbered,
-        txt2img,
-    )
+    from .generate import DEFAULT_TRAIN_OUTPUT, TRAINED_HYPERNETWORK_FILE, save_numbered, txt2img
     from .hypernetwork import Hypernetwork
     from .models import load_model
     from .text import LongPromptEncoder
 
-    with warnings.catch_warnings():  # a bad size fails before the model loads; txt2img warns
-        warnings.simplefilter("ignore", ResolutionWarning)
-        check_resolution(args.width, args.height)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
-    model = load_model(args.model or args.preset, vae=args.vae)
-    model.to(device, None if dtype == model.unet.dtype else dtype)
     hypernetworks = list(args.hypernetwork)
     trained = Path(DEFAULT_TRAIN_OUTPUT) / TRAINED_HYPERNETWORK_FILE
     if not hypernetworks and trained.is_file():
@@ -233,17 +302,22 @@ def _run_generate(args: argparse.Namespace) -> int:
             hypernetworks.append((str(trained), 1.0))
         else:
             print(f"hint: {trained} holds a trained hypernetwork; add --hypernetwork {trained} to use it", file=sys.stderr)
+    model = load_model(args.model or args.preset, vae=args.vae)
+    model.to(device, None if dtype == model.unet.dtype else dtype)
     if hypernetworks:
         networks = [Hypernetwork.load(path).to(device) for path, _ in hypernetworks]
+        # Refuses a hypernetwork made for another model (it would change nothing).
         apply_hypernetworks(model.unet, networks, [strength for _, strength in hypernetworks])
-    seed = secrets.randbelow(2**32) if args.seed is None else args.seed
+    # Like the web UI, every image's seed lies in 0..2**32-1: a drawn seed leaves room for the batch.
+    seed = secrets.randbelow(_MAX_SEED + 2 - count) if args.seed is None else args.seed
+    print(f"seed: {seed}", file=sys.stderr)
     encoder = LongPromptEncoder(model.tokenizer, model.text_encoder, clip_skip=args.clip_skip)
     for batch in range(args.batch_count):
         images = txt2img(
             model,
             args.prompt,
             negative_prompt=args.negative_prompt,
-            width=args.width,
+            width=args.width,  # None: the model's own resolution
             height=args.height,
             steps=args.steps,
             guidance_scale=args.scale,
@@ -255,9 +329,18 @@ def _run_generate(args: argparse.Namespace) -> int:
             progress=sys.stderr.isatty(),
         )
         for generated in images:
-            print(save_numbered(generated, args.output_dir))
+            print(save_numbered(generated, args.output_dir))  # makes the folder with the first image
     return 0
 
+
+def _check_exists(option: str, path: str | None, file: bool = False) -> None:
+    """FileNotFoundError naming ``option`` unless ``path`` (when given) exists (as a file)."""
+    if path is None:
+        return
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{option} {path}: no such file or folder")
+    if file and not os.path.isfile(path):
+        raise FileNotFoundError(f"{option} {path}: not a file")
 
 
 def _add_train(commands: argparse._SubParsersAction) -> None:

@@ -1,6 +1,6 @@
 """The inference engine: txt2img with classifier-free guidance, and PNGs that say how they were made.
 
-:func:`txt2img` ``(model, prompt, *, negative_prompt="", width=512, height=512, steps=28,
+:func:`txt2img` ``(model, prompt, *, negative_prompt="", width=None, height=None, steps=28,
 guidance_scale=11.0, seed=0, sampler="euler_a", clip_skip=2, batch_size=1, encoder=None,
 progress=True) -> list[GeneratedImage]`` generates with a
 :class:`~nai_fast.models.StableDiffusion` where it sits (device and dtype):
@@ -19,16 +19,19 @@ progress=True) -> list[GeneratedImage]`` generates with a
   the CPU, so CPU and GPU start from the same noise) and then the ancestral sampler's
   per-step noise. So any image can be made again alone, with its own seed and batch
   size 1 (:func:`seeded_generators` makes the same generators for a diffusers pipeline).
+  Seeds are the web UI's: every image's lies in ``0 .. 2**32 - 1`` (:data:`MAX_SEED`;
+  ValueError otherwise); ``nai-fast generate`` draws one where none (or -1) is given.
 - **Samplers** (:data:`SAMPLERS`): diffusers schedulers built from the model's training
   noise schedule (its ``prediction_type`` kept) by :func:`make_sampler`: ``euler_a``
   (NovelAI's default), ``euler``, ``ddim``, ``dpmpp_2m_karras``.
 - **Guidance**: a scale of exactly 1 is the conditional prediction alone, so the
   unconditional half is skipped (diffusers skips it for every scale <= 1; here any
   other scale, below 1 included, is guided).
-- **Sizes**: width and height must be multiples of 64 (ValueError); a size whose aspect
-  ratio or area lies well outside the model's training buckets (the SD 1.x grid scaled
-  to ``model.resolution``, :func:`nai_fast.buckets.scaled_buckets`) gets a
-  :class:`ResolutionWarning`.
+- **Sizes**: width and height must be multiples of 64 (ValueError); either left out is the
+  model's own resolution (:func:`default_side`: 512 for SD 1.x, 128 for the tiny preset).
+  A size whose aspect ratio or area lies well outside the model's training buckets (the
+  SD 1.x grid scaled to ``model.resolution``, :func:`nai_fast.buckets.scaled_buckets`)
+  gets a warning logged (``nai_fast.generate``), unless inside :func:`no_resolution_warning`.
 - Runs under ``torch.inference_mode`` with the networks (and installed hypernetworks)
   in eval mode, giving each module back its own training flag afterwards, so a
   training loop can call it for sample images.
@@ -49,12 +52,14 @@ points at it without loading it.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import operator
 import os
 import re
-import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,13 +77,18 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_TRAIN_OUTPUT",
+    "MAX_SEED",
     "SAMPLERS",
+    "SIZE_STEP",
     "TRAINED_HYPERNETWORK_FILE",
     "GeneratedImage",
     "GenerationParameters",
-    "ResolutionWarning",
     "check_resolution",
+    "check_seed",
+    "check_size",
+    "default_side",
     "make_sampler",
+    "no_resolution_warning",
     "save_numbered",
     "save_png",
     "seeded_generators",
@@ -102,12 +112,12 @@ _SAMPLER_RECIPES: dict[str, tuple[str, dict[str, Any], str]] = {
 SAMPLERS: Mapping[str, str] = {name: recipe[2] for name, recipe in _SAMPLER_RECIPES.items()}  # name -> label
 
 SIZE_STEP = 64  # pixels; the SD 1.x U-Net halves the latent three times
+MAX_SEED = 2**32 - 1  # the web UI's seeds: 0 .. 2**32 - 1
 # A size is "far" from the training buckets beyond this factor on aspect ratio or area.
 _FAR_FACTOR = 1.5
 
-
-class ResolutionWarning(UserWarning):
-    """A size far from the resolutions the model was trained at."""
+logger = logging.getLogger(__name__)
+_resolution_warning = ContextVar("nai_fast_resolution_warning", default=True)
 
 
 # Samplers and seeds
@@ -130,13 +140,54 @@ def seeded_generators(seed: int, count: int) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(seed + index) for index in range(count)]
 
 
-def check_resolution(width: int, height: int, resolution: int = 512) -> None:
-    """ValueError unless both sides are positive multiples of 64; a :class:`ResolutionWarning`
-    when the aspect ratio or the area lies beyond the range of the training buckets of a
-    model of ``resolution`` (512: SD 1.x's) by more than a factor of 1.5."""
+def check_seed(seed: int, count: int = 1) -> int:
+    """``seed`` as an int, if it and the ``count - 1`` seeds after it (images 1.. of a batch)
+    all lie in ``0 .. MAX_SEED``; ValueError otherwise."""
+    try:
+        value = operator.index(seed)
+    except TypeError:
+        raise ValueError(f"seed must be an integer, got {seed!r}") from None
+    if isinstance(seed, bool) or not 0 <= value <= MAX_SEED - max(count - 1, 0):
+        last = f" (and the seeds after it, for {count} images)" if count > 1 else ""
+        raise ValueError(f"seed must lie in 0..{MAX_SEED}{last}, got {seed!r}")
+    return value
+
+
+def check_size(width: int, height: int) -> None:
+    """ValueError unless both sides are positive multiples of :data:`SIZE_STEP` (64)."""
     for name, side in (("width", width), ("height", height)):
-        if side <= 0 or side % SIZE_STEP:
-            raise ValueError(f"{name} must be a positive multiple of {SIZE_STEP}, got {side}")
+        try:
+            whole = operator.index(side)
+        except TypeError:
+            whole = 0
+        if isinstance(side, bool) or whole <= 0 or whole % SIZE_STEP:
+            raise ValueError(f"{name} must be a positive multiple of {SIZE_STEP}, got {side!r}")
+
+
+def default_side(model: StableDiffusion) -> int:
+    """The image side a model generates at by default: its own resolution (512 for SD 1.x,
+    128 for the tiny preset), on the 64-pixel grid."""
+    return max(SIZE_STEP, round(model.resolution / SIZE_STEP) * SIZE_STEP)
+
+
+@contextmanager
+def no_resolution_warning() -> Iterator[None]:
+    """Within it, :func:`check_resolution` logs no warning: for callers that mean the size
+    (training samples at a small bucket, benchmarks)."""
+    token = _resolution_warning.set(False)
+    try:
+        yield
+    finally:
+        _resolution_warning.reset(token)
+
+
+def check_resolution(width: int, height: int, resolution: int = 512) -> None:
+    """ValueError unless both sides are positive multiples of 64 (:func:`check_size`); a
+    warning logged when the aspect ratio or the area lies beyond the range of the training
+    buckets of a model of ``resolution`` (512: SD 1.x's) by more than a factor of 1.5."""
+    check_size(width, height)
+    if not _resolution_warning.get():
+        return
     from .buckets import scaled_buckets
 
     buckets = scaled_buckets(resolution, SIZE_STEP)
@@ -149,11 +200,11 @@ def check_resolution(width: int, height: int, resolution: int = 512) -> None:
         reason = f"{area} pixels (trained: {areas.min()} to {areas.max()})"
     else:
         return
-    warnings.warn(
-        f"{width}x{height} is far from the model's training buckets: {reason}; expect repeated or cut-off "
-        "subjects",
-        ResolutionWarning,
-        stacklevel=3,
+    logger.warning(
+        "%dx%d is far from the model's training buckets: %s; expect repeated or cut-off subjects",
+        width,
+        height,
+        reason,
     )
 
 
@@ -182,8 +233,8 @@ def txt2img(
     prompt: str,
     *,
     negative_prompt: str = "",
-    width: int = 512,
-    height: int = 512,
+    width: int | None = None,
+    height: int | None = None,
     steps: int = 28,
     guidance_scale: float = 11.0,
     seed: int = 0,
@@ -195,14 +246,19 @@ def txt2img(
 ) -> list[GeneratedImage]:
     """Generate ``batch_size`` images of ``prompt`` (see the module doc).
 
+    ``width``, ``height``: pixels, multiples of 64; None: the model's own resolution
+    (:func:`default_side`). ``seed``: image ``i``'s is ``seed + i``, each in ``0 .. MAX_SEED``.
     ``encoder``: a :class:`~nai_fast.text.LongPromptEncoder` of the model's tokenizer and
     text encoder with the options wanted (max chunks, syntax, emphasis); built with the
     defaults when None. ``clip_skip`` applies either way. ``progress`` shows a tqdm bar
     of the steps.
     """
+    width = default_side(model) if width is None else width
+    height = default_side(model) if height is None else height
     check_resolution(width, height, model.resolution)
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be at least 1, got {steps} and {batch_size}")
+    seed = check_seed(seed, batch_size)
     if not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
     scheduler = make_sampler(sampler, model.scheduler.config)  # fresh: schedulers keep per-run state

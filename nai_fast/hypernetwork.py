@@ -287,7 +287,8 @@ class Hypernetwork(nn.Module):
     Dropout is off; call ``train()`` to train it. Besides the modules it keeps
     the web UI's bookkeeping: ``name``, ``step`` (training steps done),
     ``weight_init``, ``sd_checkpoint``, ``sd_checkpoint_name`` and
-    ``optional_info``, all saved and loaded with it.
+    ``optional_info``, all saved and loaded with it; and ``path``, the file
+    :meth:`load` read it from (None for one made in memory), for messages.
     """
 
     def __init__(
@@ -316,6 +317,7 @@ class Hypernetwork(nn.Module):
         self.sd_checkpoint: object = None
         self.sd_checkpoint_name: object = None
         self.optional_info: object = None
+        self.path: Path | None = None
         self.pairs = nn.ModuleDict(
             {
                 str(width): nn.ModuleDict({role: HypernetworkModule(width, self.architecture) for role in _ROLES})
@@ -373,9 +375,11 @@ class Hypernetwork(nn.Module):
         """
         path = Path(path)
         try:
-            return cls._from_contents(_read_file(path), default_name=path.stem)
+            hypernetwork = cls._from_contents(_read_file(path), default_name=path.stem)
         except ValueError as error:
             raise HypernetworkFileError(f"{path}: {error}") from error
+        hypernetwork.path = path
+        return hypernetwork
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Save as ``.pt`` (the web UI's format, which it loads) or ``.safetensors``, by suffix."""

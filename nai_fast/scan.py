@@ -11,6 +11,7 @@ reported under a reason in ``ScanResult.skipped``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 import warnings
@@ -38,6 +39,8 @@ _FILES_PER_TASK = 64  # batches keep the thread pool to a few futures even for a
 
 # EXIF orientations that transpose or rotate by 90 degrees, swapping width and height.
 _AXIS_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+logger = logging.getLogger(__name__)
 
 
 class _FileKey(NamedTuple):
@@ -180,7 +183,7 @@ def _list_image_files(root: Path) -> list[_FileKey]:
                     elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
                         found.append(_file_key(entry, relative))
         except OSError as exc:
-            warnings.warn(f"skipping folder that cannot be listed: {directory} ({exc})", stacklevel=3)
+            logger.warning("skipping folder that cannot be listed: %s (%s)", directory, exc)
     found.sort(key=lambda key: key.path)
     return found
 
@@ -277,7 +280,7 @@ def _load_cache(path: Path) -> dict[_FileKey, _Header]:
                 for relative, size, mtime_ns, width, height, outcome in zip(paths, *columns, strict=True)
             }
     except Exception as exc:  # whatever the damage (truncated zip, missing array, bad code), rebuild
-        warnings.warn(f"ignoring unreadable scan cache {path} ({exc}); it will be rebuilt", stacklevel=3)
+        logger.warning("ignoring unreadable scan cache %s (%s); it will be rebuilt", path, exc)
         return {}
 
 
@@ -303,7 +306,7 @@ def _save_cache(path: Path, headers: dict[_FileKey, _Header]) -> None:
         if temp_path is not None:
             with contextlib.suppress(OSError):
                 os.unlink(temp_path)
-        warnings.warn(f"could not write scan cache {path} ({exc})", stacklevel=3)
+        logger.warning("could not write scan cache %s (%s)", path, exc)
 
 
 # Paths are stored as one NUL-separated UTF-8 byte array: compact where a fixed-width

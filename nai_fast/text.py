@@ -21,7 +21,7 @@ minus one.
 from __future__ import annotations
 
 import functools
-import warnings
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -34,6 +34,8 @@ from .prompts import CHUNK_SIZE, Chunks, kept_positions, make_chunks, parse, tok
 from .tokenizer import load_tokenizer
 
 __all__ = ["EMPHASIS_MODES", "LongPromptEncoder", "load_tokenizer"]
+
+logger = logging.getLogger(__name__)
 
 EMPHASIS_MODES = ("original", "no_norm", "ignore")
 # The web UI moves a cut tag to the next chunk in its own syntax; NovelAI does not.
@@ -100,11 +102,8 @@ class LongPromptEncoder:
             comma_backtrack=self.comma_backtrack,
         )
         if chunks.dropped:
-            warnings.warn(
-                f"prompt longer than {self.max_chunks * CHUNK_SIZE} tokens; cut: "
-                f"{self.tokenizer.decode(chunks.dropped)!r}",
-                stacklevel=3,
-            )
+            dropped = self.tokenizer.decode(chunks.dropped)
+            logger.warning("prompt longer than %d tokens; cut: %r", self.max_chunks * CHUNK_SIZE, dropped)
         return chunks
 
     def encode(

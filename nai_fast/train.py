@@ -981,13 +981,10 @@ def _render_sample(
     model: StableDiffusion, prompt: str, *, seed: int, size: int, steps: int, clip_skip: int, path: Path
 ) -> None:
     """One sample image through the inference engine, saved with its parameters text."""
-    import warnings
-
-    from .generate import ResolutionWarning, save_png, txt2img
+    from .generate import no_resolution_warning, save_png, txt2img
 
     # Sampling must not move the training run's generators; small buckets (tiny preset) are intended.
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResolutionWarning)
+    with torch.random.fork_rng(devices=[]), no_resolution_warning():
         generated = txt2img(
             model, prompt, width=size, height=size, steps=steps, seed=seed, clip_skip=clip_skip, progress=False
         )[0]

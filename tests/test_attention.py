@@ -22,8 +22,11 @@ from torch import nn
 from nai_fast.attention import (
     STRENGTH_KWARG,
     HypernetworkAttnProcessor,
+    HypernetworkMismatchError,
     apply_hypernetworks,
+    attention_widths,
     hypernetwork_penalty,
+    installed_hypernetworks,
     remove_hypernetworks,
 )
 from nai_fast.hypernetwork import Hypernetwork
@@ -195,13 +198,47 @@ def test_invalid_arguments(unet, latents, context):
         forward(unet, latents, context, cross_attention_kwargs={STRENGTH_KWARG: [1, 2, 3]})
 
 
+def test_a_hypernetwork_for_another_model_is_refused(unet, tmp_path):
+    """Widths 320/640/768/1280 (SD 1.x) on a U-Net whose k/v widths are 32/48/64: nothing would
+    change, so it is an error naming both sets of widths and the hypernetwork."""
+    assert attention_widths(unet) == ALL_WIDTHS
+    random_hypernetwork(0, widths=(320, 640, 768, 1280)).save(tmp_path / "sd1-anime.pt")
+    loaded = Hypernetwork.load(tmp_path / "sd1-anime.pt")
+    originals = unet.attn_processors
+    with pytest.raises(HypernetworkMismatchError) as error:
+        apply_hypernetworks(unet, [random_hypernetwork(1), loaded])
+    message = str(error.value)
+    assert isinstance(error.value, ValueError)
+    assert "'sd1-anime'" in message and str(tmp_path / "sd1-anime.pt") in message
+    assert "320, 640, 768, 1280" in message and "32, 48, 64" in message
+    assert all(unet.attn_processors[name] is processor for name, processor in originals.items())
+
+
+def test_a_partly_matching_hypernetwork_applies_and_warns_naming_the_unused_widths(unet, latents, context, caplog):
+    hypernetwork = random_hypernetwork(0, widths=(32, 64, 320, 768))
+    hypernetwork.name = "half-fit"
+    expected = defined_output(unet, latents, context, [hypernetwork], [1.0])
+    with caplog.at_level("WARNING", logger="nai_fast.attention"):
+        apply_hypernetworks(unet, hypernetwork)
+    (record,) = caplog.records
+    assert "hypernetwork 'half-fit'" in record.getMessage() and "width 320, 768" in record.getMessage()
+    assert "the ones for 32, 64 apply" in record.getMessage()
+    assert installed_hypernetworks(unet) == [(hypernetwork, 1.0)]
+    with torch.no_grad():  # the matching modules apply, the others are left out
+        torch.testing.assert_close(forward(unet, latents, context), expected, **TOLERANCE)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="nai_fast.attention"):
+        apply_hypernetworks(unet, random_hypernetwork(0))  # every width used: no warning
+    assert not caplog.records
+
+
 # -- what it computes ------------------------------------------------------------
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "grad"])
 @pytest.mark.parametrize(
     "setup",
-    ["no hypernetwork", "strength 0", "strength 0 per call", "widths the U-Net lacks"],
+    ["no hypernetwork", "strength 0", "strength 0 per call"],
 )
 def test_equals_stock_diffusers_when_nothing_applies(unet, latents, context, setup, grad):
     with torch.set_grad_enabled(grad):
@@ -211,11 +248,9 @@ def test_equals_stock_diffusers_when_nothing_applies(unet, latents, context, set
         apply_hypernetworks(unet, [])
     elif setup == "strength 0":
         apply_hypernetworks(unet, hypernetwork, strengths=0.0)
-    elif setup == "strength 0 per call":
+    else:
         apply_hypernetworks(unet, hypernetwork)
         call_kwargs = {"cross_attention_kwargs": {STRENGTH_KWARG: 0.0}}
-    else:
-        apply_hypernetworks(unet, random_hypernetwork(0, widths=(320, 768)))
     with torch.set_grad_enabled(grad):
         for _ in range(2):  # at inference, the second forward reuses what the first cached
             torch.testing.assert_close(forward(unet, latents, context, **call_kwargs), stock, **EXACT)

@@ -1,6 +1,8 @@
 """The inference engine (txt2img), its PNGs, the `generate` CLI and the diffusers drop-in, on the tiny preset."""
 
-import warnings
+import argparse
+import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +14,13 @@ from nai_fast.attention import apply_hypernetworks, remove_hypernetworks
 from nai_fast.generate import (
     DEFAULT_TRAIN_OUTPUT,
     SAMPLERS,
+    SIZE_STEP,
     TRAINED_HYPERNETWORK_FILE,
+    MAX_SEED,
     GenerationParameters,
-    ResolutionWarning,
     check_resolution,
     make_sampler,
+    no_resolution_warning,
     save_numbered,
     save_png,
     seeded_generators,
@@ -26,8 +30,6 @@ from nai_fast.hypernetwork import Hypernetwork
 from nai_fast.models import load_model
 
 # Test sizes are far below the training buckets on purpose (speed); the warning has its own test.
-pytestmark = pytest.mark.filterwarnings("ignore::nai_fast.generate.ResolutionWarning")
-
 FAST = dict(width=64, height=64, steps=2, progress=False)
 
 
@@ -123,16 +125,46 @@ def test_sizes_off_the_64_grid_are_clear_errors(model, width, height):
     "width, height, reason",
     [(1024, 1024, "pixels"), (64, 64, "pixels"), (128, 1024, "aspect ratio"), (1024, 128, "aspect ratio")],
 )
-def test_sizes_far_from_the_training_buckets_warn(width, height, reason):
-    with pytest.warns(ResolutionWarning, match=f"{width}x{height} is far .*{reason}"):
+def test_sizes_far_from_the_training_buckets_warn(width, height, reason, caplog):
+    with caplog.at_level(logging.WARNING, logger="nai_fast.generate"):
         check_resolution(width, height)
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING
+    assert re.search(f"{width}x{height} is far .*{reason}", record.getMessage())
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nai_fast.generate"), no_resolution_warning():
+        check_resolution(width, height)  # for callers that mean the size
+    assert not caplog.records
 
 
 @pytest.mark.parametrize("width, height", [(512, 512), (512, 768), (768, 512), (256, 1024), (640, 640), (448, 448)])
-def test_bucket_sizes_and_their_neighbours_do_not_warn(width, height):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+def test_bucket_sizes_and_their_neighbours_do_not_warn(width, height, caplog):
+    with caplog.at_level(logging.DEBUG):
         check_resolution(width, height)
+    assert not caplog.records
+
+
+def test_the_default_size_is_the_models_own_resolution(model, caplog):
+    assert model.resolution == 128
+    with caplog.at_level(logging.WARNING):
+        (generated,) = txt2img(model, "a cat", steps=1, progress=False)
+    assert generated.image.size == (128, 128) and "Size: 128x128" in generated.text
+    assert not caplog.records  # the model's own size is not far from its own buckets
+    (tall,) = txt2img(model, "a cat", height=192, steps=1, progress=False)
+    assert tall.image.size == (128, 192)
+
+
+@pytest.mark.parametrize("seed", [-1, MAX_SEED + 1, 2**63, 1.5, "7", True])
+def test_seeds_outside_the_web_uis_range_are_clear_errors(model, seed):
+    with pytest.raises(ValueError, match="seed must"):
+        txt2img(model, "a cat", seed=seed, **FAST)
+
+
+def test_every_image_of_a_batch_gets_a_seed_in_range(model):
+    (last,) = txt2img(model, "a cat", seed=MAX_SEED, **FAST)
+    assert last.seed == MAX_SEED
+    with pytest.raises(ValueError, match=f"seed must lie in 0..{MAX_SEED} \\(and the seeds after it, for 2 images"):
+        txt2img(model, "a cat", seed=MAX_SEED, batch_size=2, **FAST)
 
 
 # -- guidance, prompts, hypernetworks ------------------------------------------------------------------
@@ -352,6 +384,7 @@ def test_cli_choices_match_the_library():
 
     assert sorted(cli._MODEL_PRESETS) == sorted(PRESETS)
     assert cli._TRAIN_OUTPUT == DEFAULT_TRAIN_OUTPUT
+    assert (cli._SIZE_STEP, cli._MAX_SEED) == (SIZE_STEP, MAX_SEED)
     sampler_option = next(action for action in _generate_parser()._actions if "--sampler" in action.option_strings)
     assert sorted(sampler_option.choices) == sorted(SAMPLERS)
 
@@ -375,6 +408,17 @@ def test_hypernetwork_argument_takes_an_optional_strength(argument, expected):
     from nai_fast.cli import _hypernetwork_argument
 
     assert _hypernetwork_argument(argument) == expected
+
+
+def test_hypernetwork_argument_text_after_the_colon_is_a_number_or_part_of_a_file_name(tmp_path, monkeypatch):
+    from nai_fast.cli import _hypernetwork_argument
+
+    monkeypatch.chdir(tmp_path)
+    for argument in ("hn.pt:abc", "hn.pt:", "hn.pt:nan"):
+        with pytest.raises(argparse.ArgumentTypeError, match="strength"):
+            _hypernetwork_argument(argument)
+    Path("hn.pt:abc").write_bytes(b"")  # a file whose name has a colon is a file
+    assert _hypernetwork_argument("hn.pt:abc") == ("hn.pt:abc", 1.0)
 
 
 # -- the diffusers drop-in --------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import warnings
@@ -183,18 +184,23 @@ def write_mismatched_lengths(path: Path) -> None:
     "corrupt",
     [write_garbage, write_truncated_cache, write_foreign_npz, write_pickled_npz, write_mismatched_lengths],
 )
-def test_corrupt_cache_is_ignored_with_a_warning_and_rebuilt(mixed_tree: Path, opened: list[str], corrupt) -> None:
+def test_corrupt_cache_is_ignored_with_a_warning_and_rebuilt(
+    mixed_tree: Path, opened: list[str], corrupt, caplog: pytest.LogCaptureFixture
+) -> None:
     expected = scan(mixed_tree)
     corrupt(mixed_tree / DEFAULT_CACHE_NAME)
 
-    with pytest.warns(UserWarning, match="ignoring unreadable scan cache"):
+    with caplog.at_level(logging.WARNING, logger="nai_fast.scan"):
         result = scan(mixed_tree)
+    assert [record.levelno for record in caplog.records] == [logging.WARNING]
+    assert "ignoring unreadable scan cache" in caplog.records[0].getMessage()
 
     assert_same_result(result, expected)
     opened.clear()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nai_fast.scan"):
         scan(mixed_tree)
+    assert not caplog.records
     assert opened == []
 
 
@@ -210,9 +216,11 @@ def test_cache_can_be_disabled_or_moved(mixed_tree: Path, tmp_path_factory: pyte
     assert [path.name for path in elsewhere.parent.iterdir()] == ["sizes.npz"]  # no temp file left behind
 
 
-def test_unwritable_cache_warns_but_scans(mixed_tree: Path) -> None:
-    with pytest.warns(UserWarning, match="could not write scan cache"):
+def test_unwritable_cache_warns_but_scans(mixed_tree: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="nai_fast.scan"):
         result = scan(mixed_tree, cache=mixed_tree / "missing-folder" / "sizes.npz")
+    assert [record.levelno for record in caplog.records] == [logging.WARNING]
+    assert "could not write scan cache" in caplog.records[0].getMessage()
 
     assert len(result) == 3
 
