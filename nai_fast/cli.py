@@ -25,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, RuntimeError) as error:
         parser.exit(2, f"nai-fast {args.command}: error: {error}\n")
 
 
@@ -264,7 +264,16 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     command.add_argument(
         "--output-dir", default=_TRAIN_OUTPUT, metavar="DIR", help=f"where results go (default: {_TRAIN_OUTPUT})"
     )
-    command.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/training_state.pt")
+    earlier_run = command.add_mutually_exclusive_group()
+    earlier_run.add_argument(
+        "--resume", action="store_true", help="continue the run whose checkpoint is OUTPUT_DIR/training_state.pt"
+    )
+    earlier_run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an OUTPUT_DIR that holds a run, replacing it at the first save (without this or "
+        "--resume, such a folder is refused and left as it is)",
+    )
     command.add_argument(
         "--mode",
         choices=("hypernetwork", "finetune"),
@@ -455,6 +464,7 @@ def _run_train(args: argparse.Namespace) -> int:
         workers=args.workers,
         device=args.device,
         resume=args.resume,
+        overwrite=args.overwrite,
         max_consecutive_skips=args.max_consecutive_skips,
         progress=not args.no_progress and sys.stderr.isatty(),
     )

@@ -45,6 +45,10 @@ rank is skipped by all ranks: gradients are zeroed, nothing is stepped, the skip
 counted and logged; ``max_consecutive_skips`` in a row stop the run with
 :class:`TrainingDiverged`, leaving the last checkpoint as it was.
 
+**Earlier runs.** A run never replaces another by accident: when ``output_dir`` holds a
+checkpoint, :func:`train` raises :class:`RunExists` before it builds or writes anything, unless
+``resume`` (continue that run) or ``overwrite`` (start over, replacing it at the first save) is set.
+
 **Several processes.** Under ``torchrun`` (``WORLD_SIZE > 1``) the process group is
 initialised from the environment (NCCL on CUDA, gloo on CPU) and the sampler gives each
 rank a disjoint shard. Gradients are averaged by ``DistributedDataParallel`` wrapped
@@ -84,7 +88,7 @@ import torch
 from torch import Tensor, nn
 
 from .generate import DEFAULT_TRAIN_OUTPUT
-from .train_state import atomic_write, load_state, restore_rng_states, rng_states, save_state
+from .train_state import atomic_write, load_state, restore_rng_states, rng_states, save_state, saved_step
 
 if TYPE_CHECKING:
     from .data import BatchRequest
@@ -95,6 +99,7 @@ __all__ = [
     "LR_SCHEDULES",
     "MIXED_PRECISION",
     "MODES",
+    "RunExists",
     "TrainConfig",
     "TrainResult",
     "TrainingDiverged",
@@ -123,6 +128,7 @@ _RESUMABLE_CHANGES = frozenset(
     {
         "max_steps",
         "resume",
+        "overwrite",
         "save_every",
         "sample_every",
         "sample_prompts",
@@ -139,6 +145,19 @@ _RESUMABLE_CHANGES = frozenset(
 
 class TrainingDiverged(RuntimeError):
     """Too many steps in a row had a loss that was not finite."""
+
+
+class RunExists(FileExistsError):
+    """``output_dir`` holds an earlier run's checkpoint, and neither ``resume`` nor ``overwrite`` was set."""
+
+    def __init__(self, output_dir: Path, step: int | None) -> None:
+        self.output_dir = output_dir
+        self.step = step  # None: the checkpoint could not be read
+        run = f"a run at step {step}" if step is not None else "an earlier run's checkpoint"
+        super().__init__(
+            f"{output_dir} holds {run} ({STATE_FILE}); nothing was changed. --resume continues it, --overwrite "
+            f"starts over (replacing it at the first save), or choose another --output-dir"
+        )
 
 
 @dataclass
@@ -182,7 +201,8 @@ class TrainConfig:
     seed: int = 0
     workers: int = 0  # DataLoader worker processes
     device: str | None = None  # None: cuda (this rank's GPU) if available, else cpu
-    resume: bool = False
+    resume: bool = False  # continue the run whose checkpoint is in output_dir
+    overwrite: bool = False  # start over in an output_dir that holds a run (else refused, see RunExists)
     max_consecutive_skips: int = 10
     fixed_noise: bool = False  # the same noise and timesteps at every step (overfitting checks)
     record_items: bool = False  # list the files each step trained on in TrainResult.trained_items
@@ -211,6 +231,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume continues the run in output_dir and overwrite replaces it: set one, not both")
         if self.ema and self.mode != "finetune":
             raise ValueError("ema applies to mode 'finetune' only")
         if not 0.0 <= self.hypernetwork_dropout < 1.0:
@@ -396,14 +418,9 @@ class _Run:
 
     def run(self) -> TrainResult:
         config, session = self.config, self.session
+        self._check_output_dir()
         if session.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            if not config.resume and (self.output_dir / STATE_FILE).is_file():
-                log.warning(
-                    "%s holds an earlier run's checkpoint: this run starts over and replaces it at its first "
-                    "save (pass --resume to continue that run instead)",
-                    self.output_dir,
-                )
         self.model = self.model if self.model is not None else _load_model(config.model)
         self._set_up_model()
         self._set_up_data()
@@ -423,6 +440,25 @@ class _Run:
 
                 remove_hypernetworks(self.model.unet)
         return self._result()
+
+    def _check_output_dir(self) -> None:
+        """Refuse to start over where an earlier run's checkpoint is, unless told to; before anything is
+        built or written. (Every rank looks: they all raise, and none waits for another in a collective.)"""
+        path = self.output_dir / STATE_FILE
+        if self.config.resume or not path.is_file():
+            return
+        try:
+            step: int | None = saved_step(path)
+        except Exception:  # unreadable: still an earlier run's file
+            step = None
+        if not self.config.overwrite:
+            raise RunExists(self.output_dir, step)
+        if self.session.is_main:
+            log.warning(
+                "overwrite: starting over; the run at step %s in %s is replaced at this run's first save",
+                "?" if step is None else step,
+                self.output_dir,
+            )
 
     def _set_up_model(self) -> None:
         config, model = self.config, self.model
@@ -654,6 +690,13 @@ class _Run:
     def _train_loop(self) -> None:
         config, session = self.config, self.session
         if self.step >= config.max_steps:
+            if session.is_main:
+                log.info(
+                    "nothing to do: the run in %s is at step %d of max %d (raise --max-steps to train on)",
+                    self.output_dir,
+                    self.step,
+                    config.max_steps,
+                )
             return
         from tqdm import tqdm
 

@@ -11,6 +11,7 @@ import copy
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -26,7 +27,7 @@ from nai_fast.captions import CaptionAugmenter, CaptionPolicy, split_tags
 from nai_fast.train_state import atomic_write, load_state, save_state
 from nai_fast.cli import main
 from nai_fast.hypernetwork import Hypernetwork
-from nai_fast.train import STATE_FILE, TrainConfig, TrainingDiverged, train
+from nai_fast.train import STATE_FILE, RunExists, TrainConfig, TrainingDiverged, train
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = ((64, 64), (64, 96), (96, 64))
@@ -90,6 +91,15 @@ def log_rows(output_dir: str | Path) -> list[dict[str, str]]:
 
 def state_dicts_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def child_environment() -> dict[str, str]:
+    """For a child process: this checkout's package, and one thread (as here, so results match bit for bit)."""
+    return os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 
 # Captions
@@ -424,10 +434,7 @@ def test_two_processes_under_torchrun_share_the_work(tmp_path):
     script.write_text(textwrap.dedent(DDP_SCRIPT))
     report = tmp_path / "report"
     report.mkdir()
-    environment = os.environ | {
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-    }
+    environment = child_environment()
     command = [
         sys.executable,
         "-m",
@@ -474,6 +481,85 @@ def test_cli_trains_on_the_demo_dataset_and_resumes(tmp_path, capsys):
     assert "hypernetwork.safetensors" in capsys.readouterr().out
     state = load_state(out / STATE_FILE)
     assert json.loads(state["config"])["data"] is None and state["step"] == 3
+
+
+def console_script() -> str:
+    """The installed `nai-fast` itself (beside this Python), not a version manager's shell shim."""
+    beside = Path(sys.executable).with_name("nai-fast")
+    found = str(beside) if beside.is_file() else shutil.which("nai-fast")
+    if found is None:
+        pytest.skip("the nai-fast console script is not installed")
+    return found
+
+
+def train_arguments(data: Path, out: Path, *more: str) -> list[str]:
+    return [
+        "train",
+        "--preset",
+        "tiny",
+        "--data",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--resolution",
+        "64",
+        "--batch-size",
+        "1",
+        "--lr",
+        "1e-3",
+        "--save-every",
+        "0",
+        "--no-progress",
+        *more,
+    ]
+
+
+def run_console(*arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [console_script(), *arguments], env=child_environment(), capture_output=True, text=True, timeout=300
+    )
+
+
+def test_a_folder_holding_a_run_is_left_untouched_unless_overwrite_is_given(tmp_path, capsys, monkeypatch):
+    data = write_images(tmp_path / "data", 3)
+    out = tmp_path / "out"
+    assert main(train_arguments(data, out, "--max-steps", "3")) == 0
+    before, modified = folder_bytes(out), os.stat(out).st_mtime_ns
+
+    refused = run_console(*train_arguments(data, out, "--max-steps", "2"))
+    assert refused.returncode == 2, refused.stderr
+    message = refused.stderr.strip().splitlines()[-1]
+    assert "a run at step 3" in message and "--resume" in message and "--overwrite" in message, message
+    assert "Traceback" not in refused.stderr
+    assert folder_bytes(out) == before and os.stat(out).st_mtime_ns == modified  # not a byte, not a name
+
+    # The refusal comes before the model is built; Python callers get RunExists.
+    monkeypatch.setattr(train_module, "_load_model", lambda source: pytest.fail("built a model"))
+    with pytest.raises(RunExists, match="at step 3") as refused_here:
+        train(make_config(tmp_path, data))
+    assert refused_here.value.step == 3
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="not both"):
+        make_config(tmp_path, data, resume=True, overwrite=True)
+    with pytest.raises(SystemExit) as exited:
+        main(train_arguments(data, out, "--resume", "--overwrite"))
+    assert exited.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    assert folder_bytes(out) == before
+
+    assert main(train_arguments(data, out, "--max-steps", "1", "--overwrite")) == 0
+    assert load_state(out / STATE_FILE)["step"] == 1 and Hypernetwork.load(out / "hypernetwork.pt").step == 1
+    assert [row["step"] for row in log_rows(out)] == ["1"]
+
+
+def test_resume_at_max_steps_says_there_is_nothing_to_do(tmp_path):
+    data = write_images(tmp_path / "data", 3)
+    out = tmp_path / "out"
+    assert main(train_arguments(data, out, "--max-steps", "2")) == 0
+    done = run_console(*train_arguments(data, out, "--max-steps", "2", "--resume"))
+    assert done.returncode == 0, done.stderr
+    said = [line for line in done.stderr.splitlines() if "nothing to do" in line]
+    assert len(said) == 1 and "step 2 of max 2" in said[0], done.stderr
+    assert load_state(out / STATE_FILE)["step"] == 2
 
 
 def test_cli_help_explains_every_option(capsys):
