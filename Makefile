@@ -12,7 +12,7 @@ install:
 
 # Train a hypernetwork on a generated tagged image set with the tiny preset, then draw with it.
 demo: install
-	nai-fast train --preset tiny --output-dir nai-fast-output --max-steps 200
+	nai-fast train --preset tiny --output-dir nai-fast-output --max-steps 200 --overwrite
 	nai-fast generate --preset tiny --prompt "red circle, large, blue background, top left" \
 		--negative-prompt "green, small" --seed 1 --width 128 --height 192 --steps 20 --output-dir nai-fast-images
 

@@ -25,12 +25,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_generate(commands)
     _add_train(commands)
     _add_info(commands)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # as typed: `train` prints it back, with --resume, when a signal stops the run
     _configure_logging(args.command)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, RuntimeError) as error:
         parser.exit(2, f"nai-fast {args.command}: error: {error}\n")
+    except KeyboardInterrupt as error:  # Ctrl-C where nothing handles it, or a second one (nai_fast.stop.Aborted)
+        parser.exit(getattr(error, "exit_code", 130), f"nai-fast {args.command}: {error or 'interrupted'}\n")
 
 
 def _configure_logging(command: str) -> None:
@@ -352,6 +356,8 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         "(up to 225 tokens) and the penultimate CLIP layer. Writes hypernetwork.safetensors and "
         "hypernetwork.pt (the web UI's format), or unet.safetensors, plus training_state.pt (for --resume), "
         "training_log.csv and samples/ into the output folder; every checkpoint file is replaced atomically. "
+        "Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and prints the command that resumes "
+        "it (exit status 130 or 143); a second one stops at once. "
         "Runs unchanged under torchrun (one process per GPU, or gloo on CPU).",
     )
     source = command.add_mutually_exclusive_group()
@@ -368,7 +374,16 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     command.add_argument(
         "--output-dir", default=_TRAIN_OUTPUT, metavar="DIR", help=f"where results go (default: {_TRAIN_OUTPUT})"
     )
-    command.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/training_state.pt")
+    earlier_run = command.add_mutually_exclusive_group()
+    earlier_run.add_argument(
+        "--resume", action="store_true", help="continue the run whose checkpoint is OUTPUT_DIR/training_state.pt"
+    )
+    earlier_run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an OUTPUT_DIR that holds a run, replacing it at the first save (without this or "
+        "--resume, such a folder is refused and left as it is)",
+    )
     command.add_argument(
         "--mode",
         choices=("hypernetwork", "finetune"),
@@ -511,12 +526,8 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    import logging
+    from .train import TrainConfig, TrainingInterrupted, train
 
-    from .train import TrainConfig, train
-
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         structure = tuple(float(m) for m in args.hypernetwork_structure.split(","))
     except ValueError:
@@ -559,10 +570,21 @@ def _run_train(args: argparse.Namespace) -> int:
         workers=args.workers,
         device=args.device,
         resume=args.resume,
+        overwrite=args.overwrite,
         max_consecutive_skips=args.max_consecutive_skips,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
-    result = train(config)
+    try:
+        result = train(config)
+    except TrainingInterrupted as stopped:
+        if stopped.rank == 0:
+            print(
+                f"stopped by {stopped.signal.name} at step {stopped.step}, checkpoint saved in {stopped.output_dir}; "
+                f"resume with: {_resume_command(args.argv)}",
+                file=sys.stderr,
+                flush=True,
+            )
+        return stopped.exit_code
     for path in result.paths:
         print(path)
     if result.paths:  # rank 0 only: the others wrote nothing
@@ -574,6 +596,37 @@ def _run_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _resume_command(argv: Sequence[str]) -> str:
+    """The command that continues a stopped run: this one, with --resume (and without --overwrite)."""
+    import shlex
+
+    # argparse takes unambiguous prefixes of an option too ("--overw"); "--o" alone is ambiguous.
+    words = [word for word in argv if not (len(word) > 3 and "--overwrite".startswith(word))]
+    if "--resume" not in words:
+        words.append("--resume")
+    return f"{_launcher()} {shlex.join(words)}"
+
+
+def _launcher() -> str:
+    """How this process was started, as a command to type again (the program before the arguments)."""
+    import shlex
+    import shutil
+    from pathlib import Path
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun
+        ranks_here = os.environ.get("LOCAL_WORLD_SIZE", "")
+        if ranks_here == os.environ["WORLD_SIZE"]:
+            return f"torchrun --nproc_per_node={ranks_here} -m nai_fast.cli"
+        return "torchrun <the same torchrun options> -m nai_fast.cli"
+    program = sys.argv[0] if sys.argv else ""
+    if Path(program).name == "cli.py":  # python -m nai_fast.cli
+        return f"{shlex.quote(sys.executable)} -m nai_fast.cli"
+    if Path(program).name == "nai-fast" and os.path.isfile(program):  # the console script
+        on_path = shutil.which("nai-fast")
+        return "nai-fast" if on_path and os.path.samefile(on_path, program) else shlex.quote(program)
+    return "nai-fast"  # main() called from Python
 
 
 def _add_info(commands: argparse._SubParsersAction) -> None:

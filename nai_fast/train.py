@@ -45,6 +45,17 @@ rank is skipped by all ranks: gradients are zeroed, nothing is stepped, the skip
 counted and logged; ``max_consecutive_skips`` in a row stop the run with
 :class:`TrainingDiverged`, leaving the last checkpoint as it was.
 
+**Earlier runs and stopping.** A run never replaces another by accident: when ``output_dir``
+holds a checkpoint, :func:`train` raises :class:`RunExists` before it builds or writes anything,
+unless ``resume`` (continue that run) or ``overwrite`` (start over, replacing it at the first
+save) is set. SIGINT (Ctrl-C) or SIGTERM during the loop (:class:`~nai_fast.stop.StopRequest`)
+finishes the current step, writes a checkpoint at it exactly as a periodic save does, and raises
+:class:`TrainingInterrupted`, which ``nai-fast train`` turns into one line with the command that
+resumes the run and exit status 130 or 143; resuming gives the weights of an uninterrupted run.
+A second signal stops at once (:class:`~nai_fast.stop.Aborted`), keeping the last complete
+checkpoint: ``training_state.pt``, written last, commits each one. Under ``torchrun`` the ranks'
+requests travel in the all-reduce every step makes anyway, so all ranks stop after the same step.
+
 **Several processes.** Under ``torchrun`` (``WORLD_SIZE > 1``) the process group is
 initialised from the environment (NCCL on CUDA, gloo on CPU) and the sampler gives each
 rank a disjoint shard. Gradients are averaged by ``DistributedDataParallel`` wrapped
@@ -73,18 +84,20 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .generate import DEFAULT_TRAIN_OUTPUT
-from .train_state import atomic_write, load_state, restore_rng_states, rng_states, save_state
+from .stop import StopRequest, exit_code, ignore_stop_signals
+from .train_state import atomic_write, load_state, restore_rng_states, rng_states, save_state, saved_step
 
 if TYPE_CHECKING:
     from .data import BatchRequest
@@ -95,9 +108,11 @@ __all__ = [
     "LR_SCHEDULES",
     "MIXED_PRECISION",
     "MODES",
+    "RunExists",
     "TrainConfig",
     "TrainResult",
     "TrainingDiverged",
+    "TrainingInterrupted",
     "train",
 ]
 
@@ -123,6 +138,7 @@ _RESUMABLE_CHANGES = frozenset(
     {
         "max_steps",
         "resume",
+        "overwrite",
         "save_every",
         "sample_every",
         "sample_prompts",
@@ -139,6 +155,38 @@ _RESUMABLE_CHANGES = frozenset(
 
 class TrainingDiverged(RuntimeError):
     """Too many steps in a row had a loss that was not finite."""
+
+
+class RunExists(FileExistsError):
+    """``output_dir`` holds an earlier run's checkpoint, and neither ``resume`` nor ``overwrite`` was set."""
+
+    def __init__(self, output_dir: Path, step: int | None) -> None:
+        self.output_dir = output_dir
+        self.step = step  # None: the checkpoint could not be read
+        run = f"a run at step {step}" if step is not None else "an earlier run's checkpoint"
+        super().__init__(
+            f"{output_dir} holds {run} ({STATE_FILE}); nothing was changed. --resume continues it, --overwrite "
+            f"starts over (replacing it at the first save), or choose another --output-dir"
+        )
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped the run after a step: rank 0 wrote a checkpoint at ``step`` in
+    ``output_dir``, from which ``resume=True`` continues exactly. Raised on every rank;
+    ``exit_code`` is the shell's status for the signal (130, 143)."""
+
+    def __init__(self, signal_number: int, step: int, output_dir: Path, rank: int = 0) -> None:
+        self.signal = signal.Signals(signal_number)
+        self.step = step
+        self.output_dir = output_dir
+        self.rank = rank
+        super().__init__(
+            f"stopped by {self.signal.name} at step {step}; the checkpoint in {output_dir} continues with resume=True"
+        )
+
+    @property
+    def exit_code(self) -> int:
+        return exit_code(self.signal)
 
 
 @dataclass
@@ -182,7 +230,8 @@ class TrainConfig:
     seed: int = 0
     workers: int = 0  # DataLoader worker processes
     device: str | None = None  # None: cuda (this rank's GPU) if available, else cpu
-    resume: bool = False
+    resume: bool = False  # continue the run whose checkpoint is in output_dir
+    overwrite: bool = False  # start over in an output_dir that holds a run (else refused, see RunExists)
     max_consecutive_skips: int = 10
     fixed_noise: bool = False  # the same noise and timesteps at every step (overfitting checks)
     record_items: bool = False  # list the files each step trained on in TrainResult.trained_items
@@ -211,6 +260,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume continues the run in output_dir and overwrite replaces it: set one, not both")
         if self.ema and self.mode != "finetune":
             raise ValueError("ema applies to mode 'finetune' only")
         if not 0.0 <= self.hypernetwork_dropout < 1.0:
@@ -381,6 +432,7 @@ class _Run:
         self.output_dir = Path(config.output_dir)
         self.model = model
         self.step = 0
+        self.checkpoint_current = False  # whether output_dir's checkpoint is this run as it is now
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.empty_batches = 0
@@ -396,14 +448,9 @@ class _Run:
 
     def run(self) -> TrainResult:
         config, session = self.config, self.session
+        self._check_output_dir()
         if session.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            if not config.resume and (self.output_dir / STATE_FILE).is_file():
-                log.warning(
-                    "%s holds an earlier run's checkpoint: this run starts over and replaces it at its first "
-                    "save (pass --resume to continue that run instead)",
-                    self.output_dir,
-                )
         self.model = self.model if self.model is not None else _load_model(config.model)
         self._set_up_model()
         self._set_up_data()
@@ -423,6 +470,25 @@ class _Run:
 
                 remove_hypernetworks(self.model.unet)
         return self._result()
+
+    def _check_output_dir(self) -> None:
+        """Refuse to start over where an earlier run's checkpoint is, unless told to; before anything is
+        built or written. (Every rank looks: they all raise, and none waits for another in a collective.)"""
+        path = self.output_dir / STATE_FILE
+        if self.config.resume or not path.is_file():
+            return
+        try:
+            step: int | None = saved_step(path)
+        except Exception:  # unreadable: still an earlier run's file
+            step = None
+        if not self.config.overwrite:
+            raise RunExists(self.output_dir, step)
+        if self.session.is_main:
+            log.warning(
+                "overwrite: starting over; the run at step %s in %s is replaced at this run's first save",
+                "?" if step is None else step,
+                self.output_dir,
+            )
 
     def _set_up_model(self) -> None:
         config, model = self.config, self.model
@@ -516,6 +582,9 @@ class _Run:
             # Its own generator: each new iterator draws a worker seed, which from the global generator
             # would shift the Dropout masks of a resumed run. (Batches never use that seed.)
             generator=torch.Generator().manual_seed(config.seed),
+            # A terminal's Ctrl-C and a scheduler's SIGTERM reach the workers too; the main process stops
+            # them once it has finished its step and saved.
+            worker_init_fn=ignore_stop_signals,
         )
 
     def _demo_data(self) -> Path:
@@ -622,6 +691,7 @@ class _Run:
             )
         counters = state["counters"]
         self.step = int(state["step"])
+        self.checkpoint_current = True
         self.skipped_steps = int(counters["skipped_steps"])
         self.consecutive_skips = int(counters["consecutive_skips"])
         self.empty_batches = int(counters["empty_batches"])
@@ -654,6 +724,13 @@ class _Run:
     def _train_loop(self) -> None:
         config, session = self.config, self.session
         if self.step >= config.max_steps:
+            if session.is_main:
+                log.info(
+                    "nothing to do: the run in %s is at step %d of max %d (raise --max-steps to train on)",
+                    self.output_dir,
+                    self.step,
+                    config.max_steps,
+                )
             return
         from tqdm import tqdm
 
@@ -669,44 +746,59 @@ class _Run:
         # Files that failed to load so far (every rank knows the same ones after a resume). A file can
         # fail on two ranks in different epochs; the log may count it twice, the result never does.
         skipped_total = len(self.load_failures)
-        try:
+        with bar, StopRequest() as stop:
             while self.step < config.max_steps:
+                if stop.received is not None and not session.distributed:
+                    self._stop(stop.received)  # alone, it need not wait for the next all-reduce to agree
                 started = time.perf_counter()
                 mse_sum, penalty_sum, micro_batches, images, items, new_failures = self._accumulate(batches)
-                totals = session.sum([mse_sum, penalty_sum, micro_batches, images, new_failures])
-                mse_sum, penalty_sum, micro_batches, images, new_failures = totals
+                # The step's one all-reduce: losses and counts, and whether any rank was asked to stop.
+                totals = session.sum([mse_sum, penalty_sum, micro_batches, images, new_failures, *stop.flags()])
+                mse_sum, penalty_sum, micro_batches, images, new_failures = totals[:5]
+                stopping = stop.agreed(totals[5:])
                 skipped_total += int(new_failures)
                 lr = self.optimizer.param_groups[0]["lr"]  # this step's, before the schedule moves on
                 if not math.isfinite(mse_sum + penalty_sum):  # NaN/inf on any rank reaches every rank's sum
                     self._skip_step(f"loss {mse_sum + penalty_sum}")
-                    continue
-                if not self._optimizer_step():
+                    stepped = False
+                elif not self._optimizer_step():
                     self._skip_step("gradient norm not finite")
-                    continue
-                self.consecutive_skips = 0
-                self.step += 1
-                loss = mse_sum / micro_batches
-                self.losses.append(loss)
-                if config.record_items:
-                    self.trained_items.append(items)
-                elapsed = time.perf_counter() - started
-                self.run_log.write(
-                    step=self.step,
-                    epoch=self.consumed["epoch"],
-                    loss=loss,
-                    penalty=penalty_sum / micro_batches,
-                    lr=lr,
-                    images_per_s=images / elapsed,
-                    skipped=skipped_total,
-                    skipped_steps=self.skipped_steps,
-                    empty_batches=self.empty_batches,
-                )
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images / elapsed:.1f}", lr=f"{lr:.2e}")
-                self._periodic_outputs()
-        finally:
-            bar.close()
+                    stepped = False
+                else:
+                    stepped = True
+                    self.consecutive_skips = 0
+                    self.step += 1
+                    loss = mse_sum / micro_batches
+                    self.losses.append(loss)
+                    if config.record_items:
+                        self.trained_items.append(items)
+                    elapsed = time.perf_counter() - started
+                    self.run_log.write(
+                        step=self.step,
+                        epoch=self.consumed["epoch"],
+                        loss=loss,
+                        penalty=penalty_sum / micro_batches,
+                        lr=lr,
+                        images_per_s=images / elapsed,
+                        skipped=skipped_total,
+                        skipped_steps=self.skipped_steps,
+                        empty_batches=self.empty_batches,
+                    )
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images / elapsed:.1f}", lr=f"{lr:.2e}")
+                if stopping is not None and self.step < config.max_steps:  # at max_steps the run is done
+                    self._stop(stopping)
+                if stepped:
+                    self._periodic_outputs()
         session.barrier()
+
+    def _stop(self, signal_number: int) -> NoReturn:
+        """Save a checkpoint at the last completed step, as a periodic save does (every rank takes
+        part; rank 0 writes), and raise :class:`TrainingInterrupted` on every rank."""
+        if not self.checkpoint_current:  # else a periodic save has just written this very checkpoint
+            self._save_checkpoint()
+        self.session.barrier()  # no rank leaves (and ends the job under torchrun) before rank 0 has written
+        raise TrainingInterrupted(signal_number, self.step, self.output_dir, rank=self.session.rank)
 
     def _accumulate(self, batches: Iterator[dict[str, Any]]) -> tuple[float, float, int, int, list[str], int]:
         """Forward and backward ``grad_accum`` non-empty batches; their summed losses and counts."""
@@ -717,6 +809,7 @@ class _Run:
         while micro_batches < config.grad_accum:
             batch = next(batches)
             self.consumed = {"epoch": int(batch["epoch"]), "position": int(batch["position"]) + 1}
+            self.checkpoint_current = False
             for path, reason in batch["skipped"]:
                 if path not in self.load_failures:
                     self.load_failures[path] = reason
@@ -871,6 +964,7 @@ class _Run:
 
     def _save_checkpoint(self) -> None:
         session = self.session
+        self.checkpoint_current = True
         # Every rank's random states and load failures, so a resume restores all of them.
         gathered = session.gather((rng_states(), self.load_failures))
         for _, failures in gathered:
@@ -1031,6 +1125,7 @@ class _RunLog:
         self.writer.writerow(
             {key: (f"{value:.6g}" if isinstance(value, float) else value) for key, value in row.items()}
         )
+        self.file.flush()  # each row as it happens: `tail -f` and monitors see progress
         if self.tensorboard is not None:
             for key in ("loss", "penalty", "lr", "images_per_s"):
                 self.tensorboard.add_scalar(f"train/{key}", row[key], row["step"])

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["atomic_write", "load_state", "restore_rng_states", "rng_states", "save_state"]
+__all__ = ["atomic_write", "load_state", "restore_rng_states", "rng_states", "save_state", "saved_step"]
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
@@ -76,6 +76,12 @@ def save_state(state: dict[str, Any], path: str | os.PathLike[str]) -> Path:
 def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a state written by :func:`save_state`; tensors land on the CPU; no code is run."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def saved_step(path: str | os.PathLike[str]) -> int:
+    """The ``step`` of a state written by :func:`save_state`, without reading its tensors (they are
+    memory-mapped and never touched), so asking costs little even for a fine-tuning run's state."""
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
 
 
 def rng_states() -> dict[str, Any]:

@@ -11,9 +11,13 @@ import copy
 import csv
 import json
 import os
+import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +30,8 @@ from nai_fast.captions import CaptionAugmenter, CaptionPolicy, split_tags
 from nai_fast.train_state import atomic_write, load_state, save_state
 from nai_fast.cli import main
 from nai_fast.hypernetwork import Hypernetwork
-from nai_fast.train import STATE_FILE, TrainConfig, TrainingDiverged, train
+from nai_fast.stop import Aborted
+from nai_fast.train import STATE_FILE, RunExists, TrainConfig, TrainingDiverged, TrainingInterrupted, train
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = ((64, 64), (64, 96), (96, 64))
@@ -90,6 +95,15 @@ def log_rows(output_dir: str | Path) -> list[dict[str, str]]:
 
 def state_dicts_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def child_environment() -> dict[str, str]:
+    """For a child process: this checkout's package, and one thread (as here, so results match bit for bit)."""
+    return os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 
 # Captions
@@ -346,6 +360,88 @@ def test_an_interrupted_checkpoint_write_keeps_the_previous_checkpoint(tmp_path,
     assert Hypernetwork.load(out / "hypernetwork.safetensors").step == 4  # written before the failing file
 
 
+def test_a_signal_during_a_periodic_save_stops_at_that_checkpoint(tmp_path, tiny, monkeypatch):
+    data = write_images(tmp_path / "data", 3)
+    common = dict(batch_size=1, lr=1e-3, save_every=2, hypernetwork_dropout=0.2)
+    whole = train(make_config(tmp_path / "whole", data, max_steps=4, **common), model=copy.deepcopy(tiny))
+    real_save = train_module._Run._save_checkpoint
+    saved_at = []
+
+    def save_with_sigterm(run):
+        saved_at.append(run.step)
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's, while the checkpoint is being written
+        real_save(run)
+
+    monkeypatch.setattr(train_module._Run, "_save_checkpoint", save_with_sigterm)
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(make_config(tmp_path / "parts", data, max_steps=100, **common), model=copy.deepcopy(tiny))
+    assert signal.getsignal(signal.SIGTERM) is handler
+    assert (stopped.value.signal, stopped.value.step, stopped.value.exit_code) == (signal.SIGTERM, 2, 143)
+    assert "resume=True" in str(stopped.value)
+    assert saved_at == [2]  # that save is the checkpoint; no second one, no step 3
+    monkeypatch.undo()
+    parts = train(make_config(tmp_path / "parts", data, max_steps=4, resume=True, **common), model=copy.deepcopy(tiny))
+    assert parts.losses == whole.losses[2:]
+    assert state_dicts_equal(parts.hypernetwork.state_dict(), whole.hypernetwork.state_dict())
+
+
+@pytest.mark.parametrize("failing", ["hypernetwork", "training_state"])
+def test_a_second_ctrl_c_while_saving_stops_at_once_keeping_the_last_checkpoint(tmp_path, tiny, monkeypatch, failing):
+    data = write_images(tmp_path / "data", 4)
+    out = tmp_path / "out"
+    config = make_config(tmp_path, data, max_steps=10, batch_size=1, save_every=2)
+    real_accumulate, real_save, real_write = (
+        train_module._Run._accumulate,
+        train_module._Run._save_checkpoint,
+        train_state.atomic_write,
+    )
+    asked, before_the_save = [], {}
+
+    def ctrl_c_during_step_3(run, batches):
+        if run.step == 2 and not asked:
+            asked.append(signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_accumulate(run, batches)
+
+    def save(run):
+        if asked:  # the save the stop asks for: the folder as it was before it
+            before_the_save.update(folder_bytes(out))
+        real_save(run)
+
+    def write(path, writer):
+        def write_then_ctrl_c(temporary):
+            writer(temporary)
+            os.kill(os.getpid(), signal.SIGINT)  # again, with this file half done
+            raise AssertionError("the second SIGINT did not stop the save")
+
+        return real_write(path, write_then_ctrl_c if asked and failing in Path(path).name else writer)
+
+    monkeypatch.setattr(train_module._Run, "_accumulate", ctrl_c_during_step_3)
+    monkeypatch.setattr(train_module._Run, "_save_checkpoint", save)
+    monkeypatch.setattr(train_module, "atomic_write", write)
+    monkeypatch.setattr(train_state, "atomic_write", write)  # save_state's
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(Aborted) as aborted:
+        train(config, model=copy.deepcopy(tiny))
+
+    assert aborted.value.exit_code == 130
+    assert signal.getsignal(signal.SIGINT) is handler  # put back
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left
+    after = folder_bytes(out)
+    assert after[STATE_FILE] == before_the_save[STATE_FILE] and load_state(out / STATE_FILE)["step"] == 2
+    # The weight files go before training_state.pt, which commits them; a save stopped at it has replaced them.
+    for name in ("hypernetwork.safetensors", "hypernetwork.pt"):
+        if failing == "hypernetwork":
+            assert after[name] == before_the_save[name]
+        else:
+            assert Hypernetwork.load(out / name).step == 3
+    monkeypatch.undo()
+    resume = make_config(tmp_path, data, max_steps=4, batch_size=1, save_every=2, resume=True)
+    resumed = train(resume, model=copy.deepcopy(tiny))
+    assert resumed.steps == 4 and len(resumed.losses) == 2
+
+
 def nan_after(calls: int, count: int | None = None):
     """A stand-in for the diffusion loss: NaN from call ``calls`` + 1, for ``count`` calls (None: ever after)."""
     real = train_module._prediction_loss
@@ -424,10 +520,7 @@ def test_two_processes_under_torchrun_share_the_work(tmp_path):
     script.write_text(textwrap.dedent(DDP_SCRIPT))
     report = tmp_path / "report"
     report.mkdir()
-    environment = os.environ | {
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-    }
+    environment = child_environment()
     command = [
         sys.executable,
         "-m",
@@ -459,6 +552,68 @@ def test_two_processes_under_torchrun_share_the_work(tmp_path):
     assert len(load_state(tmp_path / "out" / STATE_FILE)["rng"]) == 2  # both ranks' random states
 
 
+DDP_STOP_SCRIPT = """
+import json, os, sys
+from pathlib import Path
+from nai_fast import train as train_module, train_state
+from nai_fast.models import load_model
+from nai_fast.train import TrainConfig, TrainingInterrupted, train
+
+data, output_dir, report = sys.argv[1:4]
+rank = int(os.environ["RANK"])
+written = []
+real_write = train_state.atomic_write
+
+def recording_write(path, write):
+    written.append(Path(path).name)
+    return real_write(path, write)
+
+train_module.atomic_write = train_state.atomic_write = recording_write
+Path(report, f"rank{rank}.pid").write_text(str(os.getpid()))
+config = TrainConfig(data=data, output_dir=output_dir, max_steps=100000, batch_size=1, resolution=64, lr=1e-3,
+                     save_every=0, progress=False, tensorboard=False)
+try:
+    train(config, model=load_model("tiny"))
+    outcome = {"finished": True}
+except TrainingInterrupted as stopped:
+    outcome = {"signal": stopped.signal.name, "step": stopped.step, "exit_code": stopped.exit_code}
+outcome["written"] = written
+Path(report, f"rank{rank}.json").write_text(json.dumps(outcome))
+# Exit 0: a rank leaving with 143 first would have torchrun end the other before it reports.
+"""
+
+
+def test_under_torchrun_a_signal_to_one_rank_stops_both_after_the_same_step(tmp_path):
+    data = write_images(tmp_path / "data", 8)
+    script = tmp_path / "ddp_stop.py"
+    script.write_text(textwrap.dedent(DDP_STOP_SCRIPT))
+    report = tmp_path / "report"
+    report.mkdir()
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    with open(tmp_path / "stderr", "w") as stderr:
+        process = subprocess.Popen(
+            [*command, str(data), str(out), str(report)], env=child_environment(), stdout=stderr, stderr=stderr
+        )
+        try:
+            wait_for_logged_steps(process, out, 1, tmp_path / "stderr")
+            os.kill(int((report / "rank1.pid").read_text()), signal.SIGTERM)  # rank 1 only
+            code = process.wait(timeout=240)
+        finally:
+            process.kill()
+    assert code == 0, (tmp_path / "stderr").read_text()[-4000:]
+
+    ranks = [json.loads((report / f"rank{r}.json").read_text()) for r in (0, 1)]
+    step = ranks[0]["step"]
+    assert ranks[0]["signal"] == ranks[1]["signal"] == "SIGTERM" and ranks[0]["exit_code"] == 143
+    assert ranks[1]["step"] == step >= 1
+    assert ranks[1]["written"] == []  # rank 0 alone writes
+    assert ranks[0]["written"][-1] == STATE_FILE
+    assert load_state(out / STATE_FILE)["step"] == step
+    assert len(load_state(out / STATE_FILE)["rng"]) == 2  # both ranks took part in the save
+    assert [int(row["step"]) for row in log_rows(out)] == list(range(1, step + 1))
+
+
 # The command line
 
 
@@ -476,6 +631,161 @@ def test_cli_trains_on_the_demo_dataset_and_resumes(tmp_path, capsys):
     assert json.loads(state["config"])["data"] is None and state["step"] == 3
 
 
+def console_script() -> str:
+    """The installed `nai-fast` itself (beside this Python), not a version manager's shell shim."""
+    beside = Path(sys.executable).with_name("nai-fast")
+    found = str(beside) if beside.is_file() else shutil.which("nai-fast")
+    if found is None:
+        pytest.skip("the nai-fast console script is not installed")
+    return found
+
+
+def train_arguments(data: Path, out: Path, *more: str) -> list[str]:
+    return [
+        "train",
+        "--preset",
+        "tiny",
+        "--data",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--resolution",
+        "64",
+        "--batch-size",
+        "1",
+        "--lr",
+        "1e-3",
+        "--save-every",
+        "0",
+        "--no-progress",
+        *more,
+    ]
+
+
+def run_console(*arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [console_script(), *arguments], env=child_environment(), capture_output=True, text=True, timeout=300
+    )
+
+
+def wait_for_logged_steps(process: subprocess.Popen, out: Path, steps: int, stderr: Path) -> None:
+    """Until the run's CSV log (a row per step, written as it happens) has ``steps`` rows."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"training ended before its step {steps}: {stderr.read_text()[-4000:]}")
+        if (out / "training_log.csv").is_file() and len(log_rows(out)) >= steps:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"no step {steps} within 240 s")
+
+
+def test_a_folder_holding_a_run_is_left_untouched_unless_overwrite_is_given(tmp_path, capsys, monkeypatch):
+    data = write_images(tmp_path / "data", 3)
+    out = tmp_path / "out"
+    assert main(train_arguments(data, out, "--max-steps", "3")) == 0
+    before, modified = folder_bytes(out), os.stat(out).st_mtime_ns
+
+    refused = run_console(*train_arguments(data, out, "--max-steps", "2"))
+    assert refused.returncode == 2, refused.stderr
+    message = refused.stderr.strip().splitlines()[-1]
+    assert "a run at step 3" in message and "--resume" in message and "--overwrite" in message, message
+    assert "Traceback" not in refused.stderr
+    assert folder_bytes(out) == before and os.stat(out).st_mtime_ns == modified  # not a byte, not a name
+
+    # The refusal comes before the model is built; Python callers get RunExists.
+    monkeypatch.setattr(train_module, "_load_model", lambda source: pytest.fail("built a model"))
+    with pytest.raises(RunExists, match="at step 3") as refused_here:
+        train(make_config(tmp_path, data))
+    assert refused_here.value.step == 3
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="not both"):
+        make_config(tmp_path, data, resume=True, overwrite=True)
+    with pytest.raises(SystemExit) as exited:
+        main(train_arguments(data, out, "--resume", "--overwrite"))
+    assert exited.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    assert folder_bytes(out) == before
+
+    assert main(train_arguments(data, out, "--max-steps", "1", "--overwrite")) == 0
+    assert load_state(out / STATE_FILE)["step"] == 1 and Hypernetwork.load(out / "hypernetwork.pt").step == 1
+    assert [row["step"] for row in log_rows(out)] == ["1"]
+
+
+def test_resume_at_max_steps_says_there_is_nothing_to_do(tmp_path):
+    data = write_images(tmp_path / "data", 3)
+    out = tmp_path / "out"
+    assert main(train_arguments(data, out, "--max-steps", "2")) == 0
+    done = run_console(*train_arguments(data, out, "--max-steps", "2", "--resume"))
+    assert done.returncode == 0, done.stderr
+    said = [line for line in done.stderr.splitlines() if "nothing to do" in line]
+    assert len(said) == 1 and "step 2 of max 2" in said[0], done.stderr
+    assert load_state(out / STATE_FILE)["step"] == 2
+
+
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_training_with_a_checkpoint_that_resumes_exactly(tmp_path, number):
+    data = write_images(tmp_path / "data", 3)  # 3 batches an epoch: the runs cross epochs
+    out = tmp_path / "stopped" / "out"
+    # SIGINT as a terminal sends it, to the process group (with a DataLoader worker in it); SIGTERM to the process.
+    workers = ("--workers", "1") if number == signal.SIGINT else ()
+    arguments = train_arguments(data, out, "--max-steps", "100000", *workers)
+    stderr_path = tmp_path / "stderr"
+    with open(stderr_path, "w") as stderr:
+        process = subprocess.Popen(
+            [console_script(), *arguments],
+            env=child_environment(),
+            stdout=stderr,
+            stderr=stderr,
+            start_new_session=True,
+        )
+        try:
+            wait_for_logged_steps(process, out, 1, stderr_path)
+            if number == signal.SIGINT:
+                os.killpg(process.pid, number)
+            else:
+                process.send_signal(number)
+            code = process.wait(timeout=240)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    said = stderr_path.read_text()
+    assert code == 128 + number, said[-4000:]
+    assert "Traceback" not in said
+    assert said.count("finishing this step") == 1  # said by the training process, not by its DataLoader worker
+    stops = [line for line in said.splitlines() if line.startswith(f"stopped by {signal.Signals(number).name} at step")]
+    assert len(stops) == 1, said[-4000:]
+
+    step = load_state(out / STATE_FILE)["step"]
+    assert f" at step {step}, checkpoint saved in {out};" in stops[0]
+    for name in ("hypernetwork.safetensors", "hypernetwork.pt"):
+        assert Hypernetwork.load(out / name).step == step
+    assert [int(row["step"]) for row in log_rows(out)] == list(range(1, step + 1))
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    resume = shlex.split(stops[0].partition("resume with: ")[2])
+    assert resume[1:] == [*arguments, "--resume"], stops[0]
+
+    total = step + 2
+    assert main([*train_arguments(data, tmp_path / "whole" / "out", *workers), "--max-steps", str(total)]) == 0
+    if number == signal.SIGINT:  # the printed command itself
+        resumed = subprocess.run(
+            [*resume, "--max-steps", str(total)], env=child_environment(), capture_output=True, text=True, timeout=300
+        )
+        assert resumed.returncode == 0, resumed.stderr[-4000:]
+    else:  # its arguments, here (one subprocess less)
+        assert main([*resume[1:], "--max-steps", str(total)]) == 0
+    whole, parts = (load_state(folder / "out" / STATE_FILE) for folder in (tmp_path / "whole", tmp_path / "stopped"))
+    assert parts["step"] == whole["step"] == total
+    assert state_dicts_equal(whole["trainable"], parts["trainable"])
+    assert whole["optimizer"]["state"].keys() == parts["optimizer"]["state"].keys()
+    assert all(
+        torch.equal(whole["optimizer"]["state"][k]["exp_avg"], parts["optimizer"]["state"][k]["exp_avg"])
+        for k in whole["optimizer"]["state"]
+    )
+    assert [row["loss"] for row in log_rows(tmp_path / "stopped" / "out")] == [
+        row["loss"] for row in log_rows(tmp_path / "whole" / "out")
+    ]
+
+
 def test_cli_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
@@ -487,6 +797,7 @@ def test_cli_help_explains_every_option(capsys):
         "--output-dir",
         "--max-steps",
         "--resume",
+        "--overwrite",
         "--mode",
         "--batch-size",
         "--grad-accum",
@@ -513,6 +824,31 @@ def test_cli_help_explains_every_option(capsys):
         "--cache-latents",
     ):
         assert option in text
+
+
+def test_the_resume_command_repeats_the_arguments_with_resume_instead_of_overwrite(monkeypatch):
+    from nai_fast import cli
+
+    monkeypatch.setattr(sys, "argv", [cli.__file__, "train"])  # python -m nai_fast.cli
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    command = cli._resume_command(["train", "--overw", "--output-dir", "my runs/a", "--max-steps", "9"])
+    assert shlex.split(command) == [
+        *(sys.executable, "-m", "nai_fast.cli", "train", "--output-dir", "my runs/a", "--max-steps", "9", "--resume")
+    ]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert cli._resume_command(["train", "--resume"]) == "torchrun --nproc_per_node=2 -m nai_fast.cli train --resume"
+
+
+def test_cli_turns_a_second_signal_into_its_exit_status(tmp_path, capsys, monkeypatch):
+    def aborted(config):
+        raise Aborted(signal.SIGTERM)
+
+    monkeypatch.setattr(train_module, "train", aborted)
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--output-dir", str(tmp_path / "out")])
+    assert exited.value.code == 143
+    assert "stopped at once by a second SIGTERM" in capsys.readouterr().err
 
 
 def test_cli_reports_bad_options_as_errors(tmp_path, capsys):
