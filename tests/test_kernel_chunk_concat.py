@@ -422,7 +422,8 @@ def test_cost_by_hand_for_one_sd_prompt():
     assert cost.minimal.bytes == hidden + small + output == 1_415_592
     # The first pass reads the hidden states and parameters again and writes a float32 per row.
     assert cost.implemented.bytes == cost.minimal.bytes + hidden + 2 * width * 2 + 2 * rows * 4
-    assert cost.implemented.launches == 2 and cost.eager.launches == 12
+    # Eager: 12 launches of the web UI's sequence, and 8 on a value per chunk skipping a ~0 mean.
+    assert cost.implemented.launches == 2 and cost.eager.launches == 12 + 8
     # Eager moves every [C, L, D] tensor 9 times and the output 5 times, plus small vectors.
     assert 9 * hidden + 5 * output < cost.eager.bytes < 9 * hidden + 5 * output + 20 * rows * 8
     assert cost.minimal.time_floor(A100) == pytest.approx(cost.minimal.bytes / 2.0e12)

@@ -306,7 +306,7 @@ class _ChunkConcat(torch.autograd.Function):
         )  # fmt: skip
         if restore_mean:
             weighted_totals = (row_sums.view(chunks, chunk_length) * multipliers).sum(dim=1)
-            _report_unrestored(weighted_totals.abs() < MIN_RESTORED_MEAN * chunk_length * width)
+            _report_unrestored(weighted_totals.abs() >= MIN_RESTORED_MEAN * chunk_length * width)
         ctx.save_for_backward(hidden, weight, bias, multipliers, destination, row_sums)
         ctx.sizes, ctx.restore_mean = sizes, restore_mean
         return output
@@ -419,7 +419,7 @@ def chunk_concat_reference(
         chunk_dims = (1, 2)
         weighted_mean = weighted.mean(chunk_dims, keepdim=True)
         restorable = weighted_mean.abs() >= MIN_RESTORED_MEAN
-        _report_unrestored(~restorable)
+        _report_unrestored(restorable)
         # The divisor is 1 where unused, so its gradient stays finite there too.
         factor = normalized.mean(chunk_dims, keepdim=True) / torch.where(restorable, weighted_mean, 1.0)
         weighted = weighted * torch.where(restorable, factor, 1.0)
@@ -431,14 +431,16 @@ def chunk_concat_reference(
 _reported_unrestored = False
 
 
-def _report_unrestored(unrestored: torch.Tensor) -> None:
-    """Warn, once a process, that chunks keep their emphasis unrestored (reads ``unrestored``)."""
+def _report_unrestored(restorable: torch.Tensor) -> None:
+    """Warn, once a process, where chunks keep their emphasis unrestored (reads ``restorable``,
+    the same ops every call: the eager cost model counts them)."""
     global _reported_unrestored
-    if not _reported_unrestored and bool(unrestored.any()):
+    unrestored = restorable.numel() - int(restorable.sum())
+    if unrestored and not _reported_unrestored:
         _reported_unrestored = True
         _logger.warning(
             "emphasis 'original' not restored for %d of %d chunks: their weighted mean is ~0 (a text encoder "
             "whose final layer norm has bias 0?); those chunks keep their plain emphasis",
-            int(unrestored.sum()),
-            unrestored.numel(),
+            unrestored,
+            restorable.numel(),
         )

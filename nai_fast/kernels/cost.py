@@ -192,6 +192,7 @@ def _chunk_concat_forward(s: _ChunkConcatShape, restore_mean: bool) -> Compariso
     if restore_mean:
         eager += _op(s.hidden, s.chunk_scalars, s.elements) + _op(s.hidden, s.chunk_scalars, s.elements)  # means
         eager += _op(2 * s.chunk_scalars, s.chunk_scalars)  # their ratio
+        eager += _restore_guard(s, backward=False)
         eager += _op(s.hidden + s.chunk_scalars, s.hidden, s.elements)
     eager += _op(s.destinations, kept_mask)
     eager += _op(writes=s.output)  # the zeros to copy into
@@ -199,6 +200,19 @@ def _chunk_concat_forward(s: _ChunkConcatShape, restore_mean: bool) -> Compariso
     eager += _op(s.hidden + kept_mask, s.output)  # the kept rows
     eager += _op(2 * s.output + 8 * s.num_rows, s.output)  # index_copy
     return Comparison(minimal, implemented, eager)
+
+
+def _restore_guard(s: _ChunkConcatShape, backward: bool) -> Cost:
+    """The reference's per-chunk ops that skip the restore where a chunk's mean is ~0: forward,
+    |mean| >= bound (an abs, a comparison), the count of skipped chunks read by the host (a sum
+    and the read), and two selects of 1.0 (each a scalar tensor and a where); backward, the
+    gradients of the two selects."""
+    flags, one = s.chunks, s.dtype_bytes  # bool per chunk; the scalar 1.0 in the dtype
+    select = _op(writes=one) + _op(flags + s.chunk_scalars + one, s.chunk_scalars)
+    if backward:
+        return select + select
+    count = _op(s.chunk_scalars, s.chunk_scalars) + _op(s.chunk_scalars, flags) + _op(flags, 8) + _op(8)
+    return count + select + select
 
 
 def _chunk_concat_backward(s: _ChunkConcatShape, restore_mean: bool) -> Comparison:
@@ -232,6 +246,7 @@ def _chunk_concat_backward(s: _ChunkConcatShape, restore_mean: bool) -> Comparis
         # The ratio's gradient to the two means: three divisions, a negation, a product.
         for reads in (2 * scalars, 2 * scalars, scalars, 2 * scalars, 2 * scalars):
             eager += _op(reads, scalars)
+        eager += _restore_guard(s, backward=True)
         eager += _op(scalars, s.hidden, s.elements)  # the mean of weighted, spread back
         eager += _op(2 * s.hidden, s.hidden, s.elements)  # added to g * ratio
         eager += _op(scalars, s.hidden, s.elements)  # the mean of normalized, spread back
