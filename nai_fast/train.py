@@ -658,6 +658,18 @@ class _Run:
 
     # Resume
 
+    def _check_resumed_widths(self, saved: dict[str, torch.Tensor], path: Path) -> None:
+        """A saved hypernetwork for other k/v widths (another model) is refused by its widths."""
+        from .attention import HypernetworkMismatchError
+
+        widths = sorted({int(key.split(".")[1]) for key in saved if key.startswith("pairs.")})
+        if widths != sorted(self.hypernetwork.widths):
+            raise HypernetworkMismatchError(
+                f"cannot resume from {path}: its hypernetwork has modules for k/v widths "
+                f"{', '.join(map(str, widths))}, but this model's attention layers take k/v inputs of widths "
+                f"{', '.join(map(str, sorted(self.hypernetwork.widths)))} (resumed with another model?)"
+            )
+
     def _resume(self) -> None:
         path = self.output_dir / STATE_FILE
         if not path.is_file():
@@ -668,6 +680,8 @@ class _Run:
         if state.get("format") != _STATE_FORMAT:
             raise ValueError(f"cannot resume from {path}: unknown state format {state.get('format')!r}")
         self._check_resumed_config(json.loads(state["config"]))
+        if self.hypernetwork is not None:
+            self._check_resumed_widths(state["trainable"], path)
         try:
             self.trainable.load_state_dict(state["trainable"])
             self.optimizer.load_state_dict(state["optimizer"])

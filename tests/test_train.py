@@ -722,6 +722,20 @@ def test_resume_at_max_steps_says_there_is_nothing_to_do(tmp_path):
     assert load_state(out / STATE_FILE)["step"] == 2
 
 
+def test_resuming_a_hypernetwork_made_for_other_widths_names_both(tmp_path):
+    data = write_images(tmp_path / "data", 3)
+    out = tmp_path / "out"
+    assert main(train_arguments(data, out, "--max-steps", "1")) == 0
+    state = load_state(out / STATE_FILE)
+    state["trainable"] = Hypernetwork([320, 640, 768, 1280]).state_dict()  # an SD 1.x run's
+    save_state(state, out / STATE_FILE)
+    before = folder_bytes(out)
+    refused = run_console(*train_arguments(data, out, "--max-steps", "2", "--resume"))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "k/v widths 320, 640, 768, 1280, but this model's attention layers take k/v inputs of widths" in refused.stderr
+    assert folder_bytes(out) == before
+
+
 @pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_stops_training_with_a_checkpoint_that_resumes_exactly(tmp_path, number):
     data = write_images(tmp_path / "data", 3)  # 3 batches an epoch: the runs cross epochs
