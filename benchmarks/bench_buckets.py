@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from conftest import BASELINE, FAST, smoke_mode
 
-from nai_fast.buckets import EpochPlan, aspect_keys, assign, make_buckets
-from nai_fast.sample import sample_sizes
+from nai_fast.data.buckets import EpochPlan, aspect_keys, assign, make_buckets
+from nai_fast.data.sample import sample_sizes
 
 FULL_SIZES = [100_000, 1_000_000, 5_300_000]
 SMOKE_SIZES = [3_000]

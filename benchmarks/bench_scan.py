@@ -13,7 +13,7 @@ import pytest
 from conftest import BASELINE, FAST, smoke_mode
 from PIL import Image
 
-from nai_fast.scan import scan
+from nai_fast.data.scan import scan
 
 FULL_FILE_COUNT = 2000
 SMOKE_FILE_COUNT = 50

@@ -1,7 +1,7 @@
 """nai_fast: NovelAI Diffusion's improvements to Stable Diffusion 1.x, fast.
 
 The package root stays light: submodules are imported where they are used
-(``nai_fast.buckets`` needs only NumPy), and nothing here pulls in torch,
+(``nai_fast.data.buckets`` needs only NumPy), and nothing here pulls in torch,
 diffusers or transformers.
 """
 

@@ -67,7 +67,7 @@ class _OncePerMessage(logging.Filter):
 
 
 def _add_buckets(commands: argparse._SubParsersAction) -> None:
-    from .buckets import PRESETS
+    from .data.buckets import PRESETS
 
     command = commands.add_parser(
         "buckets",
@@ -94,15 +94,15 @@ def _add_buckets(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_buckets(args: argparse.Namespace) -> int:
-    from .buckets import preset_buckets
-    from .report import describe, format_table, plot
+    from .data.buckets import preset_buckets
+    from .data.report import describe, format_table, plot
 
     if args.dir is None:
-        from .sample import sample_sizes
+        from .data.sample import sample_sizes
 
         sizes, source, found = sample_sizes(), "built-in sample", None
     else:
-        from .scan import scan
+        from .data.scan import scan
 
         found = scan(args.dir, progress=sys.stderr.isatty())
         sizes, source = found.sizes, args.dir

@@ -30,7 +30,7 @@ progress=True) -> list[GeneratedImage]`` generates with a
 - **Sizes**: width and height must be multiples of 64 (ValueError); either left out is the
   model's own resolution (:func:`default_side`: 512 for SD 1.x, 128 for the tiny preset).
   A size whose aspect ratio or area lies well outside the model's training buckets (the
-  SD 1.x grid scaled to ``model.resolution``, :func:`nai_fast.buckets.scaled_buckets`)
+  SD 1.x grid scaled to ``model.resolution``, :func:`nai_fast.data.buckets.scaled_buckets`)
   gets a warning logged (``nai_fast.generate``), unless inside :func:`no_resolution_warning`.
 - Runs under ``torch.inference_mode`` with the networks (and installed hypernetworks)
   in eval mode, giving each module back its own training flag afterwards, so a
@@ -188,7 +188,7 @@ def check_resolution(width: int, height: int, resolution: int = 512) -> None:
     check_size(width, height)
     if not _resolution_warning.get():
         return
-    from .buckets import scaled_buckets
+    from .data.buckets import scaled_buckets
 
     buckets = scaled_buckets(resolution, SIZE_STEP)
     ratios = buckets[:, 0] / buckets[:, 1]

@@ -100,7 +100,7 @@ from .stop import StopRequest, exit_code, ignore_stop_signals
 from .train_state import atomic_write, load_state, restore_rng_states, rng_states, save_state, saved_step
 
 if TYPE_CHECKING:
-    from .data import BatchRequest
+    from .data.loading import BatchRequest
     from .hypernetwork import Hypernetwork
     from .models import StableDiffusion
 
@@ -549,9 +549,9 @@ class _Run:
     def _set_up_data(self) -> None:
         from torch.utils.data import DataLoader
 
-        from .buckets import assign, scaled_buckets
-        from .data import BucketBatchSampler, BucketDataset
-        from .scan import scan
+        from .data.buckets import assign, scaled_buckets
+        from .data.loading import BucketBatchSampler, BucketDataset
+        from .data.scan import scan
 
         config, session = self.config, self.session
         folder = Path(config.data) if config.data is not None else self._demo_data()

@@ -1,4 +1,4 @@
-"""Bucket list, assignment and epoch plans (nai_fast.buckets)."""
+"""Bucket list, assignment and epoch plans (nai_fast.data.buckets)."""
 
 import itertools
 import tracemalloc
@@ -6,7 +6,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from nai_fast.buckets import (
+from nai_fast.data.buckets import (
     EpochPlan,
     aspect_keys,
     assign,

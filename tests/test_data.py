@@ -10,9 +10,9 @@ import torch.multiprocessing as mp
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from nai_fast.buckets import assign, make_buckets
-from nai_fast.data import BatchRequest, BucketBatchSampler, BucketDataset, account
-from nai_fast.scan import scan
+from nai_fast.data.buckets import assign, make_buckets
+from nai_fast.data.loading import BatchRequest, BucketBatchSampler, BucketDataset, account
+from nai_fast.data.scan import scan
 
 # A small grid keeps every decode and resize cheap.
 BUCKETS = make_buckets(max_area=96 * 128, max_side=192, min_side=64, step=32, base=(96, 96))

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from nai_fast.demo_data import COLORS, POSITIONS, SIZES, make_demo_dataset
-from nai_fast.scan import scan
+from nai_fast.data.scan import scan
 
 
 def digest(folder):

@@ -1,4 +1,4 @@
-"""Tests for nai_fast.images: RGB loading, EXIF orientation, load errors and bucket fitting."""
+"""Tests for nai_fast.data.images: RGB loading, EXIF orientation, load errors and bucket fitting."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import ExifTags, Image, ImageFile, JpegImagePlugin
 
-from nai_fast.images import FitGeometry, ImageLoadError, fit, fit_geometry, load_rgb, to_rgb
-from nai_fast.scan import displayed_size
+from nai_fast.data.images import FitGeometry, ImageLoadError, fit, fit_geometry, load_rgb, to_rgb
+from nai_fast.data.scan import displayed_size
 
 RED = (255, 0, 0)
 BLUE = (0, 0, 255)

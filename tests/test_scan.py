@@ -1,4 +1,4 @@
-"""Tests for nai_fast.scan: header sizes, EXIF orientation, the size cache and skip reasons."""
+"""Tests for nai_fast.data.scan: header sizes, EXIF orientation, the size cache and skip reasons."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image, ImageFile
 
-from nai_fast.scan import DEFAULT_CACHE_NAME, SKIP_REASONS, ScanResult, read_tags, scan
+from nai_fast.data.scan import DEFAULT_CACHE_NAME, SKIP_REASONS, ScanResult, read_tags, scan
 
 
 def save_image(path: Path, size: tuple[int, int], *, orientation: int | None = None) -> Path:
@@ -190,7 +190,7 @@ def test_corrupt_cache_is_ignored_with_a_warning_and_rebuilt(
     expected = scan(mixed_tree)
     corrupt(mixed_tree / DEFAULT_CACHE_NAME)
 
-    with caplog.at_level(logging.WARNING, logger="nai_fast.scan"):
+    with caplog.at_level(logging.WARNING, logger="nai_fast.data.scan"):
         result = scan(mixed_tree)
     assert [record.levelno for record in caplog.records] == [logging.WARNING]
     assert "ignoring unreadable scan cache" in caplog.records[0].getMessage()
@@ -198,7 +198,7 @@ def test_corrupt_cache_is_ignored_with_a_warning_and_rebuilt(
     assert_same_result(result, expected)
     opened.clear()
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="nai_fast.scan"):
+    with caplog.at_level(logging.WARNING, logger="nai_fast.data.scan"):
         scan(mixed_tree)
     assert not caplog.records
     assert opened == []
@@ -217,7 +217,7 @@ def test_cache_can_be_disabled_or_moved(mixed_tree: Path, tmp_path_factory: pyte
 
 
 def test_unwritable_cache_warns_but_scans(mixed_tree: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="nai_fast.scan"):
+    with caplog.at_level(logging.WARNING, logger="nai_fast.data.scan"):
         result = scan(mixed_tree, cache=mixed_tree / "missing-folder" / "sizes.npz")
     assert [record.levelno for record in caplog.records] == [logging.WARNING]
     assert "could not write scan cache" in caplog.records[0].getMessage()

@@ -1,5 +1,5 @@
 """Bucketed training data for torch: a batch sampler that drives an
-:class:`~nai_fast.buckets.EpochPlan`, a dataset that loads one bucket's batch,
+:class:`~nai_fast.data.buckets.EpochPlan`, a dataset that loads one bucket's batch,
 and an account of every file.
 
 Use them together, with whole batches as the DataLoader's unit of work::
@@ -74,7 +74,7 @@ class BucketBatchSampler(Sampler[BatchRequest]):
     one is finished. :meth:`state_dict` / :meth:`load_state_dict` save and
     restore the position within an epoch.
 
-    Args mirror :class:`~nai_fast.buckets.EpochPlan`; ``world_size`` and
+    Args mirror :class:`~nai_fast.data.buckets.EpochPlan`; ``world_size`` and
     ``rank`` default to torch.distributed's, and ``seed=None`` draws one that
     all ranks share.
     """
