@@ -11,7 +11,7 @@ from conftest import BASELINE, FAST
 
 from nai_fast.attention import apply_hypernetworks, remove_hypernetworks
 from nai_fast.hypernetwork import Hypernetwork
-from nai_fast.text import LongPromptEncoder, encode_chunk_by_chunk
+from nai_fast.text.encoder import LongPromptEncoder, encode_chunk_by_chunk
 
 
 class WebUIProcessor:
@@ -45,7 +45,7 @@ class WebUIProcessor:
 class ChunkByChunkEncoder:
     """The web UI's text conditioning behind the encoder interface ``txt2img`` and the
     benchmarks take: ``encode`` returns what :meth:`LongPromptEncoder.encode` does, computed
-    by :func:`~nai_fast.text.encode_chunk_by_chunk` (one text-encoder call per chunk, prompts
+    by :func:`~nai_fast.text.encoder.encode_chunk_by_chunk` (one text-encoder call per chunk, prompts
     and negative prompts apart, every layer run and one picked).
 
     ``encoder`` supplies the tokenizer, text encoder and options (chunks, syntax, emphasis).

@@ -19,7 +19,7 @@ from cost_report import PASSES, predictions
 
 from nai_fast.kernels.chunk_concat import chunk_concat_reference
 from nai_fast.kernels.cost import chunk_concat_cost
-from nai_fast.prompts import kept_positions
+from nai_fast.text.prompts import kept_positions
 
 CHUNKS_PER_PROMPT, LENGTH = 3, 77
 FULL = [(1, 768), (4, 768)]  # (batch, width)

@@ -7,9 +7,9 @@ Both sides run the same code except for two interchangeable parts:
   one module call per context, cross-attention K/V kept for the generation) versus
   stock diffusers attention with the web UI's per-layer hypernetwork
   (:class:`baselines.WebUIProcessor`, every module in every layer at every step);
-- **text encoder**: :class:`~nai_fast.text.LongPromptEncoder` (every chunk of prompt and
+- **text encoder**: :class:`~nai_fast.text.encoder.LongPromptEncoder` (every chunk of prompt and
   negative in one call, only the layers needed) versus :class:`baselines.ChunkByChunkEncoder`
-  (:func:`~nai_fast.text.encode_chunk_by_chunk`: one call per chunk, all layers).
+  (:func:`~nai_fast.text.encoder.encode_chunk_by_chunk`: one call per chunk, all layers).
 
 Measured, for the ``tiny`` preset and the real SD 1.x architecture (``sd15``, random weights):
 
@@ -59,7 +59,7 @@ from nai_fast.demo_data import make_demo_dataset
 from nai_fast.generate import no_resolution_warning, txt2img
 from nai_fast.hypernetwork import Hypernetwork
 from nai_fast.models import StableDiffusion, load_model
-from nai_fast.text import LongPromptEncoder
+from nai_fast.text.encoder import LongPromptEncoder
 from nai_fast.train import TrainConfig, train
 
 ROLES = [BASELINE, FAST]

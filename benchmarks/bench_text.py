@@ -16,7 +16,7 @@ import torch
 from conftest import BASELINE, FAST, smoke_mode
 
 from nai_fast.configs import load_config
-from nai_fast.text import LongPromptEncoder, encode_chunk_by_chunk
+from nai_fast.text.encoder import LongPromptEncoder, encode_chunk_by_chunk
 
 transformers = pytest.importorskip("transformers")
 
@@ -38,7 +38,7 @@ def pytest_generate_tests(metafunc):
 
 @pytest.fixture(scope="module")
 def encoder(request, tmp_path_factory):
-    from nai_fast.tokenizer import load_tokenizer
+    from nai_fast.text.tokenizer import load_tokenizer
 
     overrides = {}
     if smoke_mode(request.config):

@@ -19,8 +19,8 @@ _EXPORTS = {
     "patch_pipeline": "nai_fast.pipeline",
     "unpatch_pipeline": "nai_fast.pipeline",
     "upgrade_pipeline": "nai_fast.pipeline",
-    "LongPromptEncoder": "nai_fast.text",
-    "load_tokenizer": "nai_fast.tokenizer",
+    "LongPromptEncoder": "nai_fast.text.encoder",
+    "load_tokenizer": "nai_fast.text.tokenizer",
     "TrainConfig": "nai_fast.train",
     "train": "nai_fast.train",
 }

@@ -164,7 +164,7 @@ def _load_diffusers_folder(path: Path, prediction_type: str | None) -> StableDif
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from .tokenizer import load_tokenizer
+    from .text.tokenizer import load_tokenizer
 
     # The training schedule: the folder's betas and prediction type in a DDPM scheduler,
     # whatever sampler the folder names.
@@ -216,7 +216,7 @@ def _from_pretrained(cls: Any, folder: Path, subfolder: str) -> Any:
 def _load_single_file(path: Path, prediction_type: str) -> StableDiffusion:
     from diffusers import DDPMScheduler
 
-    from .tokenizer import load_tokenizer
+    from .text.tokenizer import load_tokenizer
 
     checkpoint = _open_checkpoint(path, _is_network_key)
     skipped = len(checkpoint.keys) - len(checkpoint.shapes)

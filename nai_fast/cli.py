@@ -294,7 +294,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     from .generate import DEFAULT_TRAIN_OUTPUT, TRAINED_HYPERNETWORK_FILE, save_numbered, txt2img
     from .hypernetwork import Hypernetwork
     from .models import load_model
-    from .text import LongPromptEncoder
+    from .text.encoder import LongPromptEncoder
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))

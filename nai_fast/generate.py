@@ -73,7 +73,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from .models import StableDiffusion
-    from .text import LongPromptEncoder
+    from .text.encoder import LongPromptEncoder
 
 __all__ = [
     "DEFAULT_TRAIN_OUTPUT",
@@ -248,7 +248,7 @@ def txt2img(
 
     ``width``, ``height``: pixels, multiples of 64; None: the model's own resolution
     (:func:`default_side`). ``seed``: image ``i``'s is ``seed + i``, each in ``0 .. MAX_SEED``.
-    ``encoder``: a :class:`~nai_fast.text.LongPromptEncoder` of the model's tokenizer and
+    ``encoder``: a :class:`~nai_fast.text.encoder.LongPromptEncoder` of the model's tokenizer and
     text encoder with the options wanted (max chunks, syntax, emphasis); built with the
     defaults when None. ``clip_skip`` applies either way. ``progress`` shows a tqdm bar
     of the steps.
@@ -263,7 +263,7 @@ def txt2img(
         raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
     scheduler = make_sampler(sampler, model.scheduler.config)  # fresh: schedulers keep per-run state
     if encoder is None:
-        from .text import LongPromptEncoder
+        from .text.encoder import LongPromptEncoder
 
         encoder = LongPromptEncoder(model.tokenizer, model.text_encoder, clip_skip=clip_skip)
     unet, device, dtype = model.unet, model.unet.device, model.unet.dtype

@@ -159,7 +159,7 @@ def build_preset(name: str, *, seed: int = 0) -> StableDiffusion:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .tokenizer import load_tokenizer
+    from .text.tokenizer import load_tokenizer
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

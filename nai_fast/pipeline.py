@@ -2,7 +2,7 @@
 
 :func:`patch_pipeline` replaces a pipeline's ``encode_prompt`` (the method
 ``StableDiffusionPipeline`` and its img2img and inpaint siblings call) with a
-:class:`~nai_fast.text.LongPromptEncoder`, so prompt and negative prompt may
+:class:`~nai_fast.text.encoder.LongPromptEncoder`, so prompt and negative prompt may
 be long and weighted and clip skip applies to both.
 
 :func:`upgrade_pipeline` brings in all of NovelAI's inference changes in one
@@ -28,7 +28,7 @@ import torch
 
 from .attention import apply_hypernetworks, remove_hypernetworks
 from .hypernetwork import Hypernetwork
-from .text import LongPromptEncoder
+from .text.encoder import LongPromptEncoder
 
 _PATCH = "_nai_fast_encoder"
 _UPGRADE = "_nai_fast_upgrade"  # (the pipeline's own scheduler, whether we applied hypernetworks)

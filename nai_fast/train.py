@@ -604,7 +604,7 @@ class _Run:
 
     def _set_up_text(self) -> None:
         from .captions import CaptionAugmenter, CaptionPolicy
-        from .text import LongPromptEncoder
+        from .text.encoder import LongPromptEncoder
 
         config, model = self.config, self.model
         # No emphasis syntax in training: tags such as "smile (expression)" are literal text.

@@ -171,7 +171,7 @@ def test_every_image_of_a_batch_gets_a_seed_in_range(model):
 
 
 def test_guidance_is_one_unet_call_per_step_on_the_uncond_cond_batch(model):
-    from nai_fast.text import LongPromptEncoder
+    from nai_fast.text.encoder import LongPromptEncoder
 
     encoder = LongPromptEncoder(model.tokenizer, model.text_encoder)
     with UNetCalls(model.unet) as calls:

@@ -16,8 +16,8 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, con
 
 from nai_fast import _checkpoints
 from nai_fast.models import ModelFileError, build_preset, load_model, save_single_file
-from nai_fast.tokenizer import TOKENIZER_FILES
-from nai_fast.tokenizer import cache_dir as tokenizer_cache_dir
+from nai_fast.text.tokenizer import TOKENIZER_FILES
+from nai_fast.text.tokenizer import cache_dir as tokenizer_cache_dir
 
 NETWORKS = ("unet", "vae", "text_encoder")
 UNET = "model.diffusion_model."

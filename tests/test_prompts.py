@@ -1,4 +1,4 @@
-"""Tests for nai_fast.prompts: emphasis parsing, tokenizing runs, chunking, layouts."""
+"""Tests for nai_fast.text.prompts: emphasis parsing, tokenizing runs, chunking, layouts."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nai_fast.prompts import (
+from nai_fast.text.prompts import (
     BOS_ID,
     BREAK,
     COMMA_ID,
@@ -474,7 +474,7 @@ TAGS = (
 @pytest.fixture(scope="module")
 def clip_tokenize(tmp_path_factory):
     pytest.importorskip("transformers")
-    from nai_fast import tokenizer
+    from nai_fast.text import tokenizer
 
     try:
         tokenizer.find_bpe_file()
@@ -535,7 +535,7 @@ def test_weighted_real_prompt(clip_tokenize):
 
 def test_prompts_module_is_pure_python():
     """Loaded on its own, prompts.py pulls in neither torch nor transformers (nor NumPy)."""
-    path = Path(importlib.util.find_spec("nai_fast.prompts").origin)
+    path = Path(importlib.util.find_spec("nai_fast.text.prompts").origin)
     code = (
         "import importlib.util, sys\n"
         f"spec = importlib.util.spec_from_file_location('prompts', {str(path)!r})\n"

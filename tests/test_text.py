@@ -1,4 +1,4 @@
-"""Long-prompt CLIP conditioning (nai_fast.text) and the diffusers drop-in (nai_fast.pipeline),
+"""Long-prompt CLIP conditioning (nai_fast.text.encoder) and the diffusers drop-in (nai_fast.pipeline),
 with the real CLIP tokenizer and random-weight text encoders."""
 
 import logging
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nai_fast.configs import load_config
-from nai_fast.text import LongPromptEncoder, encode_chunk_by_chunk
+from nai_fast.text.encoder import LongPromptEncoder, encode_chunk_by_chunk
 
 transformers = pytest.importorskip("transformers")
 
@@ -20,7 +20,7 @@ TAGS = (
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from nai_fast.tokenizer import load_tokenizer
+    from nai_fast.text.tokenizer import load_tokenizer
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("NAI_FAST_CACHE", str(tmp_path_factory.mktemp("cache")))
@@ -126,7 +126,7 @@ def test_compact_layout_keeps_one_bos_and_one_eos(tokenizer, tiny_encoder):
 
 def test_over_long_prompt_warns_quoting_the_cut(tokenizer, tiny_encoder, caplog):
     encoder = LongPromptEncoder(tokenizer, tiny_encoder, max_chunks=1)
-    with caplog.at_level(logging.WARNING, logger="nai_fast.text"):
+    with caplog.at_level(logging.WARNING, logger="nai_fast.text.encoder"):
         cond, _ = encoder.encode(", ".join([TAGS] * 3))
     (record,) = caplog.records
     assert record.levelno == logging.WARNING
@@ -301,7 +301,7 @@ def triton_encoder_job(cache_dir: str, layout: str) -> None:
     chunk_concat and through its reference; both must agree."""
     import os
 
-    from nai_fast.tokenizer import load_tokenizer
+    from nai_fast.text.tokenizer import load_tokenizer
 
     os.environ["NAI_FAST_CACHE"] = cache_dir
     tokenizer = load_tokenizer()

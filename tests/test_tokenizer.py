@@ -1,4 +1,4 @@
-"""Tests for nai_fast.tokenizer: the real CLIP vocabulary, built and cached offline."""
+"""Tests for nai_fast.text.tokenizer: the real CLIP vocabulary, built and cached offline."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from nai_fast import tokenizer
-from nai_fast.prompts import BOS_ID, COMMA_ID, EOS_ID
+from nai_fast.text import tokenizer
+from nai_fast.text.prompts import BOS_ID, COMMA_ID, EOS_ID
 
 pytest.importorskip("transformers")
 try:
@@ -150,7 +150,7 @@ def test_rejects_a_different_vocabulary(tmp_path):
 
 
 def test_import_does_not_load_transformers():
-    code = "import sys, nai_fast, nai_fast.tokenizer, nai_fast.prompts; print('transformers' in sys.modules)"
+    code = "import sys, nai_fast, nai_fast.text.tokenizer, nai_fast.text.prompts; print('transformers' in sys.modules)"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
     assert result.returncode == 0, result.stderr

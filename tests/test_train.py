@@ -110,7 +110,7 @@ def child_environment() -> dict[str, str]:
 
 
 def augmenter(**policy) -> CaptionAugmenter:
-    from nai_fast.tokenizer import load_tokenizer
+    from nai_fast.text.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer()
     return CaptionAugmenter(CaptionPolicy(**policy), lambda text: tokenizer.encode(text, add_special_tokens=False))
@@ -150,7 +150,7 @@ def test_short_captions_are_kept_whole_without_shuffle():
 
 
 def test_caption_token_count_matches_the_tokenizer():
-    from nai_fast.tokenizer import load_tokenizer
+    from nai_fast.text.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer()
     captions = augmenter()

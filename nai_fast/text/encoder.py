@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .kernels import chunk_concat
+from ..kernels import chunk_concat
 from .prompts import CHUNK_SIZE, Chunks, kept_positions, make_chunks, parse, tokenize_runs
 from .tokenizer import load_tokenizer
 
