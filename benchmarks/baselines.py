@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from conftest import BASELINE, FAST
 
-from nai_fast.attention import apply_hypernetworks, remove_hypernetworks
-from nai_fast.hypernetwork import Hypernetwork
+from nai_fast.hypernetworks.processors import apply_hypernetworks, remove_hypernetworks
+from nai_fast.hypernetworks.modules import Hypernetwork
 from nai_fast.text.encoder import LongPromptEncoder, encode_chunk_by_chunk
 
 

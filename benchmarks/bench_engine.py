@@ -3,7 +3,7 @@ images/s, nai_fast versus an eager baseline assembled from the web UI's ways.
 
 Both sides run the same code except for two interchangeable parts:
 
-- **attention processors**: nai_fast's (:func:`~nai_fast.attention.apply_hypernetworks`:
+- **attention processors**: nai_fast's (:func:`~nai_fast.hypernetworks.processors.apply_hypernetworks`:
   one module call per context, cross-attention K/V kept for the generation) versus
   stock diffusers attention with the web UI's per-layer hypernetwork
   (:class:`baselines.WebUIProcessor`, every module in every layer at every step);
@@ -57,7 +57,7 @@ from conftest import BASELINE, FAST, best_seconds, smoke_mode
 
 from nai_fast.demo_data import make_demo_dataset
 from nai_fast.generate import no_resolution_warning, txt2img
-from nai_fast.hypernetwork import Hypernetwork
+from nai_fast.hypernetworks.modules import Hypernetwork
 from nai_fast.models import StableDiffusion, load_model
 from nai_fast.text.encoder import LongPromptEncoder
 from nai_fast.train import TrainConfig, train

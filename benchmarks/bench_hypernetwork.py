@@ -39,7 +39,7 @@ from baselines import install_processors
 from conftest import BASELINE, FAST, best_seconds, smoke_mode
 from diffusers import UNet2DConditionModel
 
-from nai_fast.hypernetwork import Hypernetwork
+from nai_fast.hypernetworks.modules import Hypernetwork
 
 NONE = "no hypernetwork"
 ACTIVATIONS = ["linear", "relu"]

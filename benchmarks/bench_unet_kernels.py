@@ -61,9 +61,9 @@ def test_predicted_attention_time_per_step(note, size):
 def test_unet_step_on_gpu(timed, note, monkeypatch, smoke, training):
     from diffusers import UNet2DConditionModel
 
-    from nai_fast.attention import apply_hypernetworks
+    from nai_fast.hypernetworks.processors import apply_hypernetworks
     from nai_fast.configs import load_config
-    from nai_fast.hypernetwork import Hypernetwork
+    from nai_fast.hypernetworks.modules import Hypernetwork
 
     torch.manual_seed(0)
     config = load_config("tiny" if smoke else "sd1", "unet")

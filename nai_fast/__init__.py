@@ -11,9 +11,9 @@ __version__ = "0.1.0"
 
 # Public names importable from the package root, each from the room that owns it.
 _EXPORTS = {
-    "apply_hypernetworks": "nai_fast.attention",
-    "remove_hypernetworks": "nai_fast.attention",
-    "Hypernetwork": "nai_fast.hypernetwork",
+    "apply_hypernetworks": "nai_fast.hypernetworks.processors",
+    "remove_hypernetworks": "nai_fast.hypernetworks.processors",
+    "Hypernetwork": "nai_fast.hypernetworks.modules",
     "txt2img": "nai_fast.generate",
     "load_model": "nai_fast.models",
     "patch_pipeline": "nai_fast.pipeline",

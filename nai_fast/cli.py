@@ -290,9 +290,9 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .attention import apply_hypernetworks
+    from .hypernetworks.processors import apply_hypernetworks
     from .generate import DEFAULT_TRAIN_OUTPUT, TRAINED_HYPERNETWORK_FILE, save_numbered, txt2img
-    from .hypernetwork import Hypernetwork
+    from .hypernetworks.modules import Hypernetwork
     from .models import load_model
     from .text.encoder import LongPromptEncoder
 

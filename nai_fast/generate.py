@@ -6,13 +6,13 @@ progress=True) -> list[GeneratedImage]`` generates with a
 :class:`~nai_fast.models.StableDiffusion` where it sits (device and dtype):
 
     prompt + negative -> LongPromptEncoder (both in one call, equal chunk counts)
-      -> context [uncond; cond], built once, so the K/V cache of nai_fast.attention
+      -> context [uncond; cond], built once, so the K/V cache of nai_fast.hypernetworks.processors
          recognises it at every step
       -> per step ONE U-Net call on the CFG batch, uncond + scale * (cond - uncond)
       -> the sampler's step -> VAE decode -> PIL images
 
 - **Hypernetworks**: whatever processors are installed on ``model.unet``
-  (:func:`nai_fast.attention.apply_hypernetworks`) run; their names and strengths are
+  (:func:`nai_fast.hypernetworks.processors.apply_hypernetworks`) run; their names and strengths are
   recorded in the parameters.
 - **Seeds**: image ``i`` of a call uses seed ``seed + i`` (as the web UI does), with
   its own CPU ``torch.Generator``: it draws the image's starting latents (float32, on
@@ -67,7 +67,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .attention import installed_hypernetworks
+from .hypernetworks.processors import installed_hypernetworks
 
 if TYPE_CHECKING:
     from PIL import Image

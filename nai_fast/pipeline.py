@@ -7,7 +7,7 @@ be long and weighted and clip skip applies to both.
 
 :func:`upgrade_pipeline` brings in all of NovelAI's inference changes in one
 call: that encoder (clip skip 2 by default), hypernetworks on the U-Net
-(:func:`nai_fast.attention.apply_hypernetworks`) and a sampler built from the
+(:func:`nai_fast.hypernetworks.processors.apply_hypernetworks`) and a sampler built from the
 pipeline's noise schedule (:func:`nai_fast.generate.make_sampler`, Euler
 ancestral by default). With generators from
 :func:`nai_fast.generate.seeded_generators` an upgraded pipeline makes the
@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from .attention import apply_hypernetworks, remove_hypernetworks
-from .hypernetwork import Hypernetwork
+from .hypernetworks.processors import apply_hypernetworks, remove_hypernetworks
+from .hypernetworks.modules import Hypernetwork
 from .text.encoder import LongPromptEncoder
 
 _PATCH = "_nai_fast_encoder"
@@ -89,7 +89,7 @@ def upgrade_pipeline(
         pipe: a diffusers ``StableDiffusionPipeline`` (or a sibling with ``encode_prompt``,
             ``unet`` and ``scheduler``).
         hypernetworks, strengths: applied to ``pipe.unet`` (on its device already), as
-            :func:`~nai_fast.attention.apply_hypernetworks` does; none by default.
+            :func:`~nai_fast.hypernetworks.processors.apply_hypernetworks` does; none by default.
         sampler: a :data:`nai_fast.generate.SAMPLERS` name, built from the pipeline's
             scheduler config (its noise schedule and ``prediction_type`` kept).
         clip_skip, encoder_options: the encoder's (see :func:`patch_pipeline`).

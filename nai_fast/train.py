@@ -12,9 +12,9 @@
       -> unscale, clip, AdamW, LR schedule, EMA -> checkpoints, samples, logs
 
 **Modes.** ``"hypernetwork"``: the U-Net, VAE and text encoder are frozen
-(``requires_grad`` False); a new :class:`~nai_fast.hypernetwork.Hypernetwork` with one
+(``requires_grad`` False); a new :class:`~nai_fast.hypernetworks.modules.Hypernetwork` with one
 module pair per k/v width of the U-Net is trained through
-:func:`~nai_fast.attention.apply_hypernetworks`, with NovelAI's shallow-layer penalty
+:func:`~nai_fast.hypernetworks.processors.apply_hypernetworks`, with NovelAI's shallow-layer penalty
 (``penalty_weight`` on the shallowest block's width). ``"finetune"``: the U-Net is
 trained (optionally with an EMA of its weights); VAE and text encoder stay frozen.
 
@@ -101,7 +101,7 @@ from .train_state import atomic_write, load_state, restore_rng_states, rng_state
 
 if TYPE_CHECKING:
     from .data.loading import BatchRequest
-    from .hypernetwork import Hypernetwork
+    from .hypernetworks.modules import Hypernetwork
     from .models import StableDiffusion
 
 __all__ = [
@@ -466,7 +466,7 @@ class _Run:
         finally:
             self.model.unet.eval()  # as models are loaded
             if self.hypernetwork is not None:
-                from .attention import remove_hypernetworks
+                from .hypernetworks.processors import remove_hypernetworks
 
                 remove_hypernetworks(self.model.unet)
         return self._result()
@@ -511,7 +511,7 @@ class _Run:
         if config.mode == "hypernetwork":
             unet.requires_grad_(False)
             self.hypernetwork = self._new_hypernetwork(unet).to(self.device).train()
-            from .attention import apply_hypernetworks
+            from .hypernetworks.processors import apply_hypernetworks
 
             penalized = {min(unet.config.block_out_channels): config.penalty_weight} if config.penalty_weight else {}
             apply_hypernetworks(unet, self.hypernetwork, penalty_weights=penalized)
@@ -524,7 +524,7 @@ class _Run:
             unet.enable_gradient_checkpointing()
 
     def _new_hypernetwork(self, unet: nn.Module) -> Hypernetwork:
-        from .hypernetwork import Hypernetwork
+        from .hypernetworks.modules import Hypernetwork
 
         config = self.config
         cross = unet.config.cross_attention_dim
@@ -660,7 +660,7 @@ class _Run:
 
     def _check_resumed_widths(self, saved: dict[str, torch.Tensor], path: Path) -> None:
         """A saved hypernetwork for other k/v widths (another model) is refused by its widths."""
-        from .attention import HypernetworkMismatchError
+        from .hypernetworks.processors import HypernetworkMismatchError
 
         widths = sorted({int(key.split(".")[1]) for key in saved if key.startswith("pairs.")})
         if widths != sorted(self.hypernetwork.widths):
@@ -881,7 +881,7 @@ class _Run:
             prediction = self.denoiser(noisy.to(unet_dtype), timesteps, context.to(unet_dtype))
         mse = _prediction_loss(prediction.float(), target.float())
         if self.hypernetwork is not None and self.config.penalty_weight:
-            from .attention import hypernetwork_penalty
+            from .hypernetworks.processors import hypernetwork_penalty
 
             penalty = hypernetwork_penalty(model.unet).float()
         else:

@@ -1,4 +1,4 @@
-"""Hypernetworks as attention processors (nai_fast.attention): equivalence with stock
+"""Hypernetworks as attention processors (nai_fast.hypernetworks.processors): equivalence with stock
 diffusers and with the definition, composition and strengths, the work done once (module
 calls per forward, K/V per generation, folding) and everything that must invalidate it,
 training gradients and the shallow-layer penalty.
@@ -19,7 +19,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from nai_fast.attention import (
+from nai_fast.hypernetworks.processors import (
     STRENGTH_KWARG,
     HypernetworkAttnProcessor,
     HypernetworkMismatchError,
@@ -29,7 +29,7 @@ from nai_fast.attention import (
     installed_hypernetworks,
     remove_hypernetworks,
 )
-from nai_fast.hypernetwork import Hypernetwork
+from nai_fast.hypernetworks.modules import Hypernetwork
 
 # Self-attention widths 32 and 64, cross-attention width 48: every kind of layer gets its own modules.
 TINY_UNET = dict(
@@ -218,7 +218,7 @@ def test_a_partly_matching_hypernetwork_applies_and_warns_naming_the_unused_widt
     hypernetwork = random_hypernetwork(0, widths=(32, 64, 320, 768))
     hypernetwork.name = "half-fit"
     expected = defined_output(unet, latents, context, [hypernetwork], [1.0])
-    with caplog.at_level("WARNING", logger="nai_fast.attention"):
+    with caplog.at_level("WARNING", logger="nai_fast.hypernetworks.processors"):
         apply_hypernetworks(unet, hypernetwork)
     (record,) = caplog.records
     assert "hypernetwork 'half-fit'" in record.getMessage() and "width 320, 768" in record.getMessage()
@@ -227,7 +227,7 @@ def test_a_partly_matching_hypernetwork_applies_and_warns_naming_the_unused_widt
     with torch.no_grad():  # the matching modules apply, the others are left out
         torch.testing.assert_close(forward(unet, latents, context), expected, **TOLERANCE)
     caplog.clear()
-    with caplog.at_level("WARNING", logger="nai_fast.attention"):
+    with caplog.at_level("WARNING", logger="nai_fast.hypernetworks.processors"):
         apply_hypernetworks(unet, random_hypernetwork(0))  # every width used: no warning
     assert not caplog.records
 

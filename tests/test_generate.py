@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nai_fast.attention import apply_hypernetworks, remove_hypernetworks
+from nai_fast.hypernetworks.processors import apply_hypernetworks, remove_hypernetworks
 from nai_fast.generate import (
     DEFAULT_TRAIN_OUTPUT,
     SAMPLERS,
@@ -26,7 +26,7 @@ from nai_fast.generate import (
     seeded_generators,
     txt2img,
 )
-from nai_fast.hypernetwork import Hypernetwork
+from nai_fast.hypernetworks.modules import Hypernetwork
 from nai_fast.models import load_model
 
 # Test sizes are far below the training buckets on purpose (speed); the warning has its own test.
@@ -428,7 +428,7 @@ def test_hypernetwork_argument_text_after_the_colon_is_a_number_or_part_of_a_fil
 def test_upgraded_diffusers_pipeline_makes_the_same_images_as_txt2img(model, hypernetwork, sampler):
     from diffusers import StableDiffusionPipeline
 
-    from nai_fast.attention import HypernetworkAttnProcessor
+    from nai_fast.hypernetworks.processors import HypernetworkAttnProcessor
     from nai_fast.pipeline import unpatch_pipeline, upgrade_pipeline
 
     pipe = StableDiffusionPipeline(**model.pipeline_components())

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from nai_fast.generate import GenerationParameters
-from nai_fast.hypernetwork import Hypernetwork
+from nai_fast.hypernetworks.modules import Hypernetwork
 
 REPO = Path(__file__).resolve().parents[1]
 LONG_PROMPT = ", ".join(["a photo of a cat sitting on a red chair"] * 30)  # about 330 tokens: cut at 225

@@ -1,4 +1,4 @@
-"""Hypernetworks (nai_fast.hypernetwork): module math, the web UI's layer layout, weight
+"""Hypernetworks (nai_fast.hypernetworks.modules): module math, the web UI's layer layout, weight
 init, affine maps, and loading/saving every file format, including hand-built web UI and
 NovelAI files, refused pickles and malformed files."""
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nai_fast.hypernetwork import (
+from nai_fast.hypernetworks.modules import (
     ACTIVATIONS,
     Architecture,
     Hypernetwork,

@@ -21,7 +21,7 @@ from kernel_proofs import (
 )
 
 import nai_fast.kernels as kernels
-from nai_fast.hypernetwork import ACTIVATIONS
+from nai_fast.hypernetworks.modules import ACTIVATIONS
 from nai_fast.kernels.cost import A100, H100_SXM, hyper_kv_cost, measure_eager
 from nai_fast.kernels.hyper_kv import (
     FUSED_ACTIVATIONS,
@@ -204,7 +204,7 @@ def test_reference_activations_are_the_web_ui_modules(activation):
 
 
 def test_reference_is_a_hypernetwork_module_then_the_projection():
-    from nai_fast.hypernetwork import Architecture, HypernetworkModule
+    from nai_fast.hypernetworks.modules import Architecture, HypernetworkModule
 
     architecture = Architecture(activation="elu")
     modules = [HypernetworkModule(40, architecture) for _ in range(2)]

@@ -24,9 +24,9 @@ def training_step_job(case, seed: int) -> dict:
     """Loss and gradients of one step for each kernel mode, and the fused ops' call counts."""
     from diffusers import UNet2DConditionModel
 
-    from nai_fast.attention import apply_hypernetworks, hypernetwork_penalty
+    from nai_fast.hypernetworks.processors import apply_hypernetworks, hypernetwork_penalty
     from nai_fast.configs import load_config
-    from nai_fast.hypernetwork import Hypernetwork
+    from nai_fast.hypernetworks.modules import Hypernetwork
     from nai_fast.kernels.cross_attention import _CrossAttention
     from nai_fast.kernels.hyper_kv import _HyperProjection
 

@@ -29,7 +29,7 @@ from nai_fast import train as train_module, train_state
 from nai_fast.captions import CaptionAugmenter, CaptionPolicy, split_tags
 from nai_fast.train_state import atomic_write, load_state, save_state
 from nai_fast.cli import main
-from nai_fast.hypernetwork import Hypernetwork
+from nai_fast.hypernetworks.modules import Hypernetwork
 from nai_fast.stop import Aborted
 from nai_fast.train import STATE_FILE, RunExists, TrainConfig, TrainingDiverged, TrainingInterrupted, train
 

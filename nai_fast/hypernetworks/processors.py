@@ -116,11 +116,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import kernels
-from .hypernetwork import AffineMap, Hypernetwork, HypernetworkModule
-from .kernels import MLP, kernel_mode, kernels_requested
-from .kernels.hyper_kv import structure_not_supported_reasons
-from .kernels.policy import cross_attention_pays, gpu_class, hyper_kv_pays
+from .. import kernels
+from .modules import AffineMap, Hypernetwork, HypernetworkModule
+from ..kernels import MLP, kernel_mode, kernels_requested
+from ..kernels.hyper_kv import structure_not_supported_reasons
+from ..kernels.policy import cross_attention_pays, gpu_class, hyper_kv_pays
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
