@@ -58,7 +58,7 @@ from conftest import BASELINE, FAST, best_seconds, smoke_mode
 from nai_fast.demo_data import make_demo_dataset
 from nai_fast.generate import no_resolution_warning, txt2img
 from nai_fast.hypernetworks.modules import Hypernetwork
-from nai_fast.models import StableDiffusion, load_model
+from nai_fast.models.model import StableDiffusion, load_model
 from nai_fast.text.encoder import LongPromptEncoder
 from nai_fast.train import TrainConfig, train
 

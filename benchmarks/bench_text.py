@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import BASELINE, FAST, smoke_mode
 
-from nai_fast.configs import load_config
+from nai_fast.models.configs import load_config
 from nai_fast.text.encoder import LongPromptEncoder, encode_chunk_by_chunk
 
 transformers = pytest.importorskip("transformers")

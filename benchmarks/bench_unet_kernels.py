@@ -62,7 +62,7 @@ def test_unet_step_on_gpu(timed, note, monkeypatch, smoke, training):
     from diffusers import UNet2DConditionModel
 
     from nai_fast.hypernetworks.processors import apply_hypernetworks
-    from nai_fast.configs import load_config
+    from nai_fast.models.configs import load_config
     from nai_fast.hypernetworks.modules import Hypernetwork
 
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ _EXPORTS = {
     "remove_hypernetworks": "nai_fast.hypernetworks.processors",
     "Hypernetwork": "nai_fast.hypernetworks.modules",
     "txt2img": "nai_fast.generate",
-    "load_model": "nai_fast.models",
+    "load_model": "nai_fast.models.model",
     "patch_pipeline": "nai_fast.pipeline",
     "unpatch_pipeline": "nai_fast.pipeline",
     "upgrade_pipeline": "nai_fast.pipeline",

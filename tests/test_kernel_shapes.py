@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 import torch
 
-from nai_fast.configs import load_config
+from nai_fast.models.configs import load_config
 from nai_fast.kernels.shapes import attention_levels
 
 

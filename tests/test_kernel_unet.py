@@ -25,7 +25,7 @@ def training_step_job(case, seed: int) -> dict:
     from diffusers import UNet2DConditionModel
 
     from nai_fast.hypernetworks.processors import apply_hypernetworks, hypernetwork_penalty
-    from nai_fast.configs import load_config
+    from nai_fast.models.configs import load_config
     from nai_fast.hypernetworks.modules import Hypernetwork
     from nai_fast.kernels.cross_attention import _CrossAttention
     from nai_fast.kernels.hyper_kv import _HyperProjection

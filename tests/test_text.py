@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from nai_fast.configs import load_config
+from nai_fast.models.configs import load_config
 from nai_fast.text.encoder import LongPromptEncoder, encode_chunk_by_chunk
 
 transformers = pytest.importorskip("transformers")

@@ -53,7 +53,7 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from ..safe_load import load_weights_only
+from ..models.safe_load import load_weights_only
 
 __all__ = [
     "ACTIVATIONS",

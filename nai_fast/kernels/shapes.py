@@ -49,7 +49,7 @@ def attention_levels(
     """The attention levels of a U-Net generating ``images`` images of ``width x height``
     pixels with prompts of ``chunks`` 77-token chunks, down blocks first."""
     if config is None:
-        from ..configs import load_config
+        from ..models.configs import load_config
 
         config = load_config("sd1", "unet")
     if width % vae_scale_factor or height % vae_scale_factor:

@@ -133,11 +133,11 @@ def load_model(
             schedule = type(model.scheduler).from_config(model.scheduler.config, prediction_type=prediction_type)
             model = model.with_scheduler(schedule)
     else:
-        from ._checkpoints import load_from_path  # the file formats, kept apart
+        from .checkpoints import load_from_path  # the file formats, kept apart
 
         model = load_from_path(source, prediction_type=prediction_type)
     if vae is not None:
-        from ._checkpoints import load_vae_file
+        from .checkpoints import load_vae_file
 
         model = replace(model, vae=load_vae_file(vae, model.vae.config))
     return model
@@ -146,7 +146,7 @@ def load_model(
 def save_single_file(model: StableDiffusion, path: str | os.PathLike[str]) -> None:
     """Write ``model`` as one ``.safetensors`` or ``.ckpt`` checkpoint in the original
     (CompVis / web UI) layout, which ``load_model`` and the web UI read. Written atomically."""
-    from ._checkpoints import save_single_file as save
+    from .checkpoints import save_single_file as save
 
     save(model, path)
 
@@ -159,7 +159,7 @@ def build_preset(name: str, *, seed: int = 0) -> StableDiffusion:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .text.tokenizer import load_tokenizer
+    from ..text.tokenizer import load_tokenizer
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -1,6 +1,6 @@
 """Model files: diffusers folders and single-file checkpoints in the original layout.
 
-The private half of :mod:`nai_fast.models` (which imports it lazily). Formats:
+The private half of :mod:`nai_fast.models.model` (which imports it lazily). Formats:
 
 * **diffusers folder**: ``model_index.json`` with ``unet/``, ``vae/``, ``text_encoder/``,
   ``tokenizer/`` and ``scheduler/``, loaded with ``from_pretrained(local_files_only=True)``.
@@ -22,7 +22,7 @@ Safety and strictness: the format is told from the file's first bytes (the suffi
 pickles go through ``torch.load(weights_only=True)``, so a file that needs code to unpickle is
 refused, never run; every tensor a network needs must be present with its shape, and any other
 tensor under a network's prefix is an error; the architecture is checked from the file's
-metadata before any tensor is read. Every problem is a :class:`~nai_fast.models.ModelFileError`
+metadata before any tensor is read. Every problem is a :class:`~nai_fast.models.model.ModelFileError`
 naming the path and the reason.
 
 Memory: the file is memory-mapped; each tensor is copied once, to float32, and the copy is
@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .models import ModelFileError, StableDiffusion, _check_prediction_type, _model_config
+from .model import ModelFileError, StableDiffusion, _check_prediction_type, _model_config
 from .safe_load import error_reason, load_weights_only
 
 if TYPE_CHECKING:
@@ -164,7 +164,7 @@ def _load_diffusers_folder(path: Path, prediction_type: str | None) -> StableDif
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from .text.tokenizer import load_tokenizer
+    from ..text.tokenizer import load_tokenizer
 
     # The training schedule: the folder's betas and prediction type in a DDPM scheduler,
     # whatever sampler the folder names.
@@ -216,7 +216,7 @@ def _from_pretrained(cls: Any, folder: Path, subfolder: str) -> Any:
 def _load_single_file(path: Path, prediction_type: str) -> StableDiffusion:
     from diffusers import DDPMScheduler
 
-    from .text.tokenizer import load_tokenizer
+    from ..text.tokenizer import load_tokenizer
 
     checkpoint = _open_checkpoint(path, _is_network_key)
     skipped = len(checkpoint.keys) - len(checkpoint.shapes)
