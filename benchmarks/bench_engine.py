@@ -13,7 +13,7 @@ Both sides run the same code except for two interchangeable parts:
 
 Measured, for the ``tiny`` preset and the real SD 1.x architecture (``sd15``, random weights):
 
-- **generation**: :func:`~nai_fast.generate.txt2img` of one image with a ``[1, 2, 1]`` relu
+- **generation**: :func:`~nai_fast.engine.generate.txt2img` of one image with a ``[1, 2, 1]`` relu
   hypernetwork, a 161-token tag prompt (3 chunks) and a negative prompt, Euler a, CFG;
   seconds per image (best of the rounds). Each round installs the processors anew, so
   nai_fast's one-time work (K/V for the context) is inside the timing. Both sides must
@@ -22,10 +22,10 @@ Measured, for the ``tiny`` preset and the real SD 1.x architecture (``sd15``, ra
 - **training step**: one hypernetwork training step written once below (VAE encode of a
   fixed batch, noise, timesteps, context of long captions, U-Net forward through the
   hypernetwork, MSE, backward, clipping, AdamW) with either side's two parts; images/s.
-  :func:`~nai_fast.train.train` cannot take the baseline's parts, hence the step-level
+  :func:`~nai_fast.engine.train.train` cannot take the baseline's parts, hence the step-level
   comparison. The shallow-layer penalty is off on the nai_fast side (the baseline has none);
   both sides must give the same loss and gradient norm at every step.
-- **train() end to end** (nai_fast only, a note): :func:`~nai_fast.train.train` on the demo
+- **train() end to end** (nai_fast only, a note): :func:`~nai_fast.engine.train.train` on the demo
   dataset, images/s from its ``training_log.csv`` and over the whole call.
 
 Full mode: generation of tiny at 256x256 (20 steps, best of 3) and sd15 at 256x256 (4 steps,
@@ -55,12 +55,12 @@ import torch.nn.functional as F
 from baselines import ChunkByChunkEncoder, install_processors
 from conftest import BASELINE, FAST, best_seconds, smoke_mode
 
-from nai_fast.demo_data import make_demo_dataset
-from nai_fast.generate import no_resolution_warning, txt2img
+from nai_fast.engine.demo_data import make_demo_dataset
+from nai_fast.engine.generate import no_resolution_warning, txt2img
 from nai_fast.hypernetworks.modules import Hypernetwork
 from nai_fast.models.model import StableDiffusion, load_model
 from nai_fast.text.encoder import LongPromptEncoder
-from nai_fast.train import TrainConfig, train
+from nai_fast.engine.train import TrainConfig, train
 
 ROLES = [BASELINE, FAST]
 PROMPT = (

@@ -14,15 +14,15 @@ _EXPORTS = {
     "apply_hypernetworks": "nai_fast.hypernetworks.processors",
     "remove_hypernetworks": "nai_fast.hypernetworks.processors",
     "Hypernetwork": "nai_fast.hypernetworks.modules",
-    "txt2img": "nai_fast.generate",
+    "txt2img": "nai_fast.engine.generate",
     "load_model": "nai_fast.models.model",
-    "patch_pipeline": "nai_fast.pipeline",
-    "unpatch_pipeline": "nai_fast.pipeline",
-    "upgrade_pipeline": "nai_fast.pipeline",
+    "patch_pipeline": "nai_fast.engine.pipeline",
+    "unpatch_pipeline": "nai_fast.engine.pipeline",
+    "upgrade_pipeline": "nai_fast.engine.pipeline",
     "LongPromptEncoder": "nai_fast.text.encoder",
     "load_tokenizer": "nai_fast.text.tokenizer",
-    "TrainConfig": "nai_fast.train",
-    "train": "nai_fast.train",
+    "TrainConfig": "nai_fast.engine.train",
+    "train": "nai_fast.engine.train",
 }
 __all__ = ["__version__", *_EXPORTS]
 

@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, RuntimeError) as error:
         parser.exit(2, f"nai-fast {args.command}: error: {error}\n")
-    except KeyboardInterrupt as error:  # Ctrl-C where nothing handles it, or a second one (nai_fast.stop.Aborted)
+    except KeyboardInterrupt as error:  # Ctrl-C where nothing handles it, or a second one (nai_fast.engine.stop.Aborted)
         parser.exit(getattr(error, "exit_code", 130), f"nai-fast {args.command}: {error or 'interrupted'}\n")
 
 
@@ -155,9 +155,9 @@ def _skipped_lines(skipped: list[dict[str, str]], limit: int | None) -> str:
 # Built-in models of nai_fast.models.model.PRESETS, spelled out so `--help` needs no torch import
 # (tests/test_generate.py checks the two agree).
 _MODEL_PRESETS = ("sd15", "tiny")
-_TRAIN_OUTPUT = "nai-fast-output"  # nai_fast.generate.DEFAULT_TRAIN_OUTPUT, spelled out for the same reason
-_SIZE_STEP = 64  # nai_fast.generate.SIZE_STEP: sizes are checked before torch is imported
-_MAX_SEED = 2**32 - 1  # nai_fast.generate.MAX_SEED
+_TRAIN_OUTPUT = "nai-fast-output"  # nai_fast.engine.generate.DEFAULT_TRAIN_OUTPUT, spelled out for the same reason
+_SIZE_STEP = 64  # nai_fast.engine.generate.SIZE_STEP: sizes are checked before torch is imported
+_MAX_SEED = 2**32 - 1  # nai_fast.engine.generate.MAX_SEED
 
 
 def _add_generate(commands: argparse._SubParsersAction) -> None:
@@ -291,7 +291,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from .hypernetworks.processors import apply_hypernetworks
-    from .generate import DEFAULT_TRAIN_OUTPUT, TRAINED_HYPERNETWORK_FILE, save_numbered, txt2img
+    from .engine.generate import DEFAULT_TRAIN_OUTPUT, TRAINED_HYPERNETWORK_FILE, save_numbered, txt2img
     from .hypernetworks.modules import Hypernetwork
     from .models.model import load_model
     from .text.encoder import LongPromptEncoder
@@ -526,7 +526,7 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, TrainingInterrupted, train
+    from .engine.train import TrainConfig, TrainingInterrupted, train
 
     try:
         structure = tuple(float(m) for m in args.hypernetwork_structure.split(","))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nai_fast.demo_data import COLORS, POSITIONS, SIZES, make_demo_dataset
+from nai_fast.engine.demo_data import COLORS, POSITIONS, SIZES, make_demo_dataset
 from nai_fast.data.scan import scan
 
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from nai_fast.hypernetworks.processors import apply_hypernetworks, remove_hypernetworks
-from nai_fast.generate import (
+from nai_fast.engine.generate import (
     DEFAULT_TRAIN_OUTPUT,
     SAMPLERS,
     SIZE_STEP,
@@ -126,13 +126,13 @@ def test_sizes_off_the_64_grid_are_clear_errors(model, width, height):
     [(1024, 1024, "pixels"), (64, 64, "pixels"), (128, 1024, "aspect ratio"), (1024, 128, "aspect ratio")],
 )
 def test_sizes_far_from_the_training_buckets_warn(width, height, reason, caplog):
-    with caplog.at_level(logging.WARNING, logger="nai_fast.generate"):
+    with caplog.at_level(logging.WARNING, logger="nai_fast.engine.generate"):
         check_resolution(width, height)
     (record,) = caplog.records
     assert record.levelno == logging.WARNING
     assert re.search(f"{width}x{height} is far .*{reason}", record.getMessage())
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="nai_fast.generate"), no_resolution_warning():
+    with caplog.at_level(logging.WARNING, logger="nai_fast.engine.generate"), no_resolution_warning():
         check_resolution(width, height)  # for callers that mean the size
     assert not caplog.records
 
@@ -429,7 +429,7 @@ def test_upgraded_diffusers_pipeline_makes_the_same_images_as_txt2img(model, hyp
     from diffusers import StableDiffusionPipeline
 
     from nai_fast.hypernetworks.processors import HypernetworkAttnProcessor
-    from nai_fast.pipeline import unpatch_pipeline, upgrade_pipeline
+    from nai_fast.engine.pipeline import unpatch_pipeline, upgrade_pipeline
 
     pipe = StableDiffusionPipeline(**model.pipeline_components())
     pipe.set_progress_bar_config(disable=True)
@@ -456,7 +456,7 @@ def test_upgraded_diffusers_pipeline_makes_the_same_images_as_txt2img(model, hyp
 def test_a_failed_upgrade_leaves_the_pipeline_as_it_was(model):
     from diffusers import StableDiffusionPipeline
 
-    from nai_fast.pipeline import upgrade_pipeline
+    from nai_fast.engine.pipeline import upgrade_pipeline
 
     pipe = StableDiffusionPipeline(**model.pipeline_components())
     own_scheduler, own_encode_prompt = pipe.scheduler, pipe.encode_prompt

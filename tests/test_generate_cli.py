@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from nai_fast.generate import GenerationParameters
+from nai_fast.engine.generate import GenerationParameters
 from nai_fast.hypernetworks.modules import Hypernetwork
 
 REPO = Path(__file__).resolve().parents[1]

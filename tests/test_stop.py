@@ -1,4 +1,4 @@
-"""nai_fast.stop: the first SIGINT/SIGTERM is recorded, a second one aborts, handlers come back."""
+"""nai_fast.engine.stop: the first SIGINT/SIGTERM is recorded, a second one aborts, handlers come back."""
 
 import os
 import signal
@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from nai_fast.stop import Aborted, StopRequest, exit_code
+from nai_fast.engine.stop import Aborted, StopRequest, exit_code
 
 
 def deliver(number: int) -> None:

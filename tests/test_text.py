@@ -1,4 +1,4 @@
-"""Long-prompt CLIP conditioning (nai_fast.text.encoder) and the diffusers drop-in (nai_fast.pipeline),
+"""Long-prompt CLIP conditioning (nai_fast.text.encoder) and the diffusers drop-in (nai_fast.engine.pipeline),
 with the real CLIP tokenizer and random-weight text encoders."""
 
 import logging

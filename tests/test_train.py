@@ -1,4 +1,4 @@
-"""The training engine (nai_fast.train), its captions and checkpoint files, and ``nai-fast train``.
+"""The training engine (nai_fast.engine.train), its captions and checkpoint files, and ``nai-fast train``.
 
 Every run uses the tiny preset (built once per module, deep-copied per run), 64-96 px
 images at a 64 px base bucket, and a handful of steps. Torch runs on one thread: on
@@ -25,13 +25,14 @@ import pytest
 import torch
 from PIL import Image
 
-from nai_fast import train as train_module, train_state
-from nai_fast.captions import CaptionAugmenter, CaptionPolicy, split_tags
-from nai_fast.train_state import atomic_write, load_state, save_state
+from nai_fast.engine import train as train_module
+from nai_fast.engine import train_state
+from nai_fast.engine.captions import CaptionAugmenter, CaptionPolicy, split_tags
+from nai_fast.engine.train_state import atomic_write, load_state, save_state
 from nai_fast.cli import main
 from nai_fast.hypernetworks.modules import Hypernetwork
-from nai_fast.stop import Aborted
-from nai_fast.train import STATE_FILE, RunExists, TrainConfig, TrainingDiverged, TrainingInterrupted, train
+from nai_fast.engine.stop import Aborted
+from nai_fast.engine.train import STATE_FILE, RunExists, TrainConfig, TrainingDiverged, TrainingInterrupted, train
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = ((64, 64), (64, 96), (96, 64))
@@ -279,7 +280,7 @@ def test_bf16_autocast_and_v_prediction_train(tmp_path, tiny):
 
 
 def test_sample_images_are_written_with_their_parameters(tmp_path, tiny):
-    pytest.importorskip("nai_fast.generate")
+    pytest.importorskip("nai_fast.engine.generate")
     data = write_images(tmp_path / "data", 2)
     config = make_config(
         tmp_path, data, max_steps=1, sample_every=1, sample_steps=2, sample_prompts=("red square", "blue square")
@@ -485,7 +486,7 @@ def test_an_empty_batch_is_skipped_and_its_file_reported(tmp_path, tiny, caplog)
     truncate(data / "002.png")
     # Epoch 0 is 4 batches of 1 with 3 good ones: 4 steps take all of it and go on into epoch 1.
     config = make_config(tmp_path, data, max_steps=4, batch_size=1, record_items=True)
-    with caplog.at_level("WARNING", logger="nai_fast.train"):
+    with caplog.at_level("WARNING", logger="nai_fast.engine.train"):
         result = train(config, model=copy.deepcopy(tiny))
     empties = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped an empty batch")]
     assert result.steps == 4 and result.empty_batches == len(empties) >= 1
@@ -500,7 +501,7 @@ DDP_SCRIPT = """
 import json, os, sys
 import torch
 from nai_fast.models.model import load_model
-from nai_fast.train import TrainConfig, train
+from nai_fast.engine.train import TrainConfig, train
 
 data, output_dir, report = sys.argv[1:4]
 config = TrainConfig(data=data, output_dir=output_dir, max_steps=4, batch_size=1, resolution=64, lr=1e-3,
@@ -555,9 +556,10 @@ def test_two_processes_under_torchrun_share_the_work(tmp_path):
 DDP_STOP_SCRIPT = """
 import json, os, sys
 from pathlib import Path
-from nai_fast import train as train_module, train_state
+from nai_fast.engine import train as train_module
+from nai_fast.engine import train_state
 from nai_fast.models.model import load_model
-from nai_fast.train import TrainConfig, TrainingInterrupted, train
+from nai_fast.engine.train import TrainConfig, TrainingInterrupted, train
 
 data, output_dir, report = sys.argv[1:4]
 rank = int(os.environ["RANK"])

@@ -20,7 +20,7 @@ trained (optionally with an EMA of its weights); VAE and text encoder stay froze
 
 **Randomness, and why resuming is exact.** Everything a batch draws is seeded by what
 the batch is, not by how the run got there: crops by ``(seed, epoch, item)`` (the
-dataset), captions by ``(seed, epoch, item)`` (:mod:`nai_fast.captions`), and the VAE
+dataset), captions by ``(seed, epoch, item)`` (:mod:`nai_fast.engine.captions`), and the VAE
 posterior sample, noise and timesteps by ``(seed, rank, epoch, batch position)``. The
 only other randomness (Dropout in a hypernetwork) uses the global generators, whose
 states are saved per rank. ``training_state.pt`` holds the trainable weights, the
@@ -30,7 +30,7 @@ all of it, so N steps, a resume and M more give the same weights as N+M steps in
 (bit for bit on CPU). Keep ``max_steps`` when resuming: the cosine and linear schedules
 span it.
 
-**Files** (rank 0 only, each written atomically; see :mod:`nai_fast.train_state`):
+**Files** (rank 0 only, each written atomically; see :mod:`nai_fast.engine.train_state`):
 ``hypernetwork.safetensors`` and ``hypernetwork.pt`` (the web UI's format), or
 ``unet.safetensors`` (diffusers key names; ``unet_ema.safetensors`` with EMA);
 ``training_state.pt`` last, so it never refers to weights newer than the files beside
@@ -48,11 +48,11 @@ counted and logged; ``max_consecutive_skips`` in a row stop the run with
 **Earlier runs and stopping.** A run never replaces another by accident: when ``output_dir``
 holds a checkpoint, :func:`train` raises :class:`RunExists` before it builds or writes anything,
 unless ``resume`` (continue that run) or ``overwrite`` (start over, replacing it at the first
-save) is set. SIGINT (Ctrl-C) or SIGTERM during the loop (:class:`~nai_fast.stop.StopRequest`)
+save) is set. SIGINT (Ctrl-C) or SIGTERM during the loop (:class:`~nai_fast.engine.stop.StopRequest`)
 finishes the current step, writes a checkpoint at it exactly as a periodic save does, and raises
 :class:`TrainingInterrupted`, which ``nai-fast train`` turns into one line with the command that
 resumes the run and exit status 130 or 143; resuming gives the weights of an uninterrupted run.
-A second signal stops at once (:class:`~nai_fast.stop.Aborted`), keeping the last complete
+A second signal stops at once (:class:`~nai_fast.engine.stop.Aborted`), keeping the last complete
 checkpoint: ``training_state.pt``, written last, commits each one. Under ``torchrun`` the ranks'
 requests travel in the all-reduce every step makes anyway, so all ranks stop after the same step.
 
@@ -100,9 +100,9 @@ from .stop import StopRequest, exit_code, ignore_stop_signals
 from .train_state import atomic_write, load_state, restore_rng_states, rng_states, save_state, saved_step
 
 if TYPE_CHECKING:
-    from .data.loading import BatchRequest
-    from .hypernetworks.modules import Hypernetwork
-    from .models.model import StableDiffusion
+    from ..data.loading import BatchRequest
+    from ..hypernetworks.modules import Hypernetwork
+    from ..models.model import StableDiffusion
 
 __all__ = [
     "LR_SCHEDULES",
@@ -466,7 +466,7 @@ class _Run:
         finally:
             self.model.unet.eval()  # as models are loaded
             if self.hypernetwork is not None:
-                from .hypernetworks.processors import remove_hypernetworks
+                from ..hypernetworks.processors import remove_hypernetworks
 
                 remove_hypernetworks(self.model.unet)
         return self._result()
@@ -511,7 +511,7 @@ class _Run:
         if config.mode == "hypernetwork":
             unet.requires_grad_(False)
             self.hypernetwork = self._new_hypernetwork(unet).to(self.device).train()
-            from .hypernetworks.processors import apply_hypernetworks
+            from ..hypernetworks.processors import apply_hypernetworks
 
             penalized = {min(unet.config.block_out_channels): config.penalty_weight} if config.penalty_weight else {}
             apply_hypernetworks(unet, self.hypernetwork, penalty_weights=penalized)
@@ -524,7 +524,7 @@ class _Run:
             unet.enable_gradient_checkpointing()
 
     def _new_hypernetwork(self, unet: nn.Module) -> Hypernetwork:
-        from .hypernetworks.modules import Hypernetwork
+        from ..hypernetworks.modules import Hypernetwork
 
         config = self.config
         cross = unet.config.cross_attention_dim
@@ -549,9 +549,9 @@ class _Run:
     def _set_up_data(self) -> None:
         from torch.utils.data import DataLoader
 
-        from .data.buckets import assign, scaled_buckets
-        from .data.loading import BucketBatchSampler, BucketDataset
-        from .data.scan import scan
+        from ..data.buckets import assign, scaled_buckets
+        from ..data.loading import BucketBatchSampler, BucketDataset
+        from ..data.scan import scan
 
         config, session = self.config, self.session
         folder = Path(config.data) if config.data is not None else self._demo_data()
@@ -604,7 +604,7 @@ class _Run:
 
     def _set_up_text(self) -> None:
         from .captions import CaptionAugmenter, CaptionPolicy
-        from .text.encoder import LongPromptEncoder
+        from ..text.encoder import LongPromptEncoder
 
         config, model = self.config, self.model
         # No emphasis syntax in training: tags such as "smile (expression)" are literal text.
@@ -660,7 +660,7 @@ class _Run:
 
     def _check_resumed_widths(self, saved: dict[str, torch.Tensor], path: Path) -> None:
         """A saved hypernetwork for other k/v widths (another model) is refused by its widths."""
-        from .hypernetworks.processors import HypernetworkMismatchError
+        from ..hypernetworks.processors import HypernetworkMismatchError
 
         widths = sorted({int(key.split(".")[1]) for key in saved if key.startswith("pairs.")})
         if widths != sorted(self.hypernetwork.widths):
@@ -881,7 +881,7 @@ class _Run:
             prediction = self.denoiser(noisy.to(unet_dtype), timesteps, context.to(unet_dtype))
         mse = _prediction_loss(prediction.float(), target.float())
         if self.hypernetwork is not None and self.config.penalty_weight:
-            from .hypernetworks.processors import hypernetwork_penalty
+            from ..hypernetworks.processors import hypernetwork_penalty
 
             penalty = hypernetwork_penalty(model.unet).float()
         else:
@@ -1068,7 +1068,7 @@ class _Run:
 
 
 def _load_model(source: str) -> StableDiffusion:
-    from .models.model import load_model
+    from ..models.model import load_model
 
     return load_model(source)
 

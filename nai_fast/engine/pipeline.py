@@ -8,10 +8,10 @@ be long and weighted and clip skip applies to both.
 :func:`upgrade_pipeline` brings in all of NovelAI's inference changes in one
 call: that encoder (clip skip 2 by default), hypernetworks on the U-Net
 (:func:`nai_fast.hypernetworks.processors.apply_hypernetworks`) and a sampler built from the
-pipeline's noise schedule (:func:`nai_fast.generate.make_sampler`, Euler
+pipeline's noise schedule (:func:`nai_fast.engine.generate.make_sampler`, Euler
 ancestral by default). With generators from
-:func:`nai_fast.generate.seeded_generators` an upgraded pipeline makes the
-images :func:`nai_fast.generate.txt2img` makes, pixel for pixel, for a guidance
+:func:`nai_fast.engine.generate.seeded_generators` an upgraded pipeline makes the
+images :func:`nai_fast.engine.generate.txt2img` makes, pixel for pixel, for a guidance
 scale above 1 (diffusers leaves out guidance at scales up to 1; txt2img only
 at exactly 1).
 
@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from .hypernetworks.processors import apply_hypernetworks, remove_hypernetworks
-from .hypernetworks.modules import Hypernetwork
-from .text.encoder import LongPromptEncoder
+from ..hypernetworks.processors import apply_hypernetworks, remove_hypernetworks
+from ..hypernetworks.modules import Hypernetwork
+from ..text.encoder import LongPromptEncoder
 
 _PATCH = "_nai_fast_encoder"
 _UPGRADE = "_nai_fast_upgrade"  # (the pipeline's own scheduler, whether we applied hypernetworks)
@@ -90,7 +90,7 @@ def upgrade_pipeline(
             ``unet`` and ``scheduler``).
         hypernetworks, strengths: applied to ``pipe.unet`` (on its device already), as
             :func:`~nai_fast.hypernetworks.processors.apply_hypernetworks` does; none by default.
-        sampler: a :data:`nai_fast.generate.SAMPLERS` name, built from the pipeline's
+        sampler: a :data:`nai_fast.engine.generate.SAMPLERS` name, built from the pipeline's
             scheduler config (its noise schedule and ``prediction_type`` kept).
         clip_skip, encoder_options: the encoder's (see :func:`patch_pipeline`).
 

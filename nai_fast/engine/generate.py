@@ -31,7 +31,7 @@ progress=True) -> list[GeneratedImage]`` generates with a
   model's own resolution (:func:`default_side`: 512 for SD 1.x, 128 for the tiny preset).
   A size whose aspect ratio or area lies well outside the model's training buckets (the
   SD 1.x grid scaled to ``model.resolution``, :func:`nai_fast.data.buckets.scaled_buckets`)
-  gets a warning logged (``nai_fast.generate``), unless inside :func:`no_resolution_warning`.
+  gets a warning logged (``nai_fast.engine.generate``), unless inside :func:`no_resolution_warning`.
 - Runs under ``torch.inference_mode`` with the networks (and installed hypernetworks)
   in eval mode, giving each module back its own training flag afterwards, so a
   training loop can call it for sample images.
@@ -67,13 +67,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .hypernetworks.processors import installed_hypernetworks
+from ..hypernetworks.processors import installed_hypernetworks
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from .models.model import StableDiffusion
-    from .text.encoder import LongPromptEncoder
+    from ..models.model import StableDiffusion
+    from ..text.encoder import LongPromptEncoder
 
 __all__ = [
     "DEFAULT_TRAIN_OUTPUT",
@@ -188,7 +188,7 @@ def check_resolution(width: int, height: int, resolution: int = 512) -> None:
     check_size(width, height)
     if not _resolution_warning.get():
         return
-    from .data.buckets import scaled_buckets
+    from ..data.buckets import scaled_buckets
 
     buckets = scaled_buckets(resolution, SIZE_STEP)
     ratios = buckets[:, 0] / buckets[:, 1]
@@ -263,7 +263,7 @@ def txt2img(
         raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
     scheduler = make_sampler(sampler, model.scheduler.config)  # fresh: schedulers keep per-run state
     if encoder is None:
-        from .text.encoder import LongPromptEncoder
+        from ..text.encoder import LongPromptEncoder
 
         encoder = LongPromptEncoder(model.tokenizer, model.text_encoder, clip_skip=clip_skip)
     unet, device, dtype = model.unet, model.unet.device, model.unet.dtype
