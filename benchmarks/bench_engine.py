@@ -58,7 +58,8 @@ from conftest import BASELINE, FAST, best_seconds, smoke_mode
 from nai_fast.engine.demo_data import make_demo_dataset
 from nai_fast.engine.generate import no_resolution_warning, txt2img
 from nai_fast.hypernetworks.modules import Hypernetwork
-from nai_fast.models.model import StableDiffusion, load_model
+from nai_fast.models.load import load_model
+from nai_fast.models.stable_diffusion import StableDiffusion
 from nai_fast.text.encoder import LongPromptEncoder
 from nai_fast.engine.train import TrainConfig, train
 

@@ -11,18 +11,36 @@ __version__ = "0.1.0"
 
 # Public names importable from the package root, each from the room that owns it.
 _EXPORTS = {
+    # data
+    "make_buckets": "nai_fast.data.buckets",
+    "assign": "nai_fast.data.buckets",
+    "EpochPlan": "nai_fast.data.buckets",
+    "scan": "nai_fast.data.scan",
+    "BucketBatchSampler": "nai_fast.data.loading",
+    "BucketDataset": "nai_fast.data.loading",
+    # text
+    "parse": "nai_fast.text.prompts",
+    "load_tokenizer": "nai_fast.text.tokenizer",
+    "LongPromptEncoder": "nai_fast.text.encoder",
+    # hypernetworks
+    "Hypernetwork": "nai_fast.hypernetworks.modules",
     "apply_hypernetworks": "nai_fast.hypernetworks.processors",
     "remove_hypernetworks": "nai_fast.hypernetworks.processors",
-    "Hypernetwork": "nai_fast.hypernetworks.modules",
+    # models
+    "load_model": "nai_fast.models.load",
+    "save_single_file": "nai_fast.models.checkpoints",
+    # engine
     "txt2img": "nai_fast.engine.generate",
-    "load_model": "nai_fast.models.model",
+    "GenerationParameters": "nai_fast.engine.generate",
+    "TrainConfig": "nai_fast.engine.train",
+    "train": "nai_fast.engine.train",
     "patch_pipeline": "nai_fast.engine.pipeline",
     "unpatch_pipeline": "nai_fast.engine.pipeline",
     "upgrade_pipeline": "nai_fast.engine.pipeline",
-    "LongPromptEncoder": "nai_fast.text.encoder",
-    "load_tokenizer": "nai_fast.text.tokenizer",
-    "TrainConfig": "nai_fast.engine.train",
-    "train": "nai_fast.engine.train",
+    "make_demo_dataset": "nai_fast.engine.demo_data",
+    "COLORS": "nai_fast.engine.demo_data",
+    "SHAPES": "nai_fast.engine.demo_data",
+    "POSITIONS": "nai_fast.engine.demo_data",
 }
 __all__ = ["__version__", *_EXPORTS]
 
@@ -32,3 +50,7 @@ def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'nai_fast' has no attribute {name!r}")
     return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

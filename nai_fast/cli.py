@@ -152,7 +152,7 @@ def _skipped_lines(skipped: list[dict[str, str]], limit: int | None) -> str:
     return heading + ":\n" + "".join(f"  {item['path']}: {item['reason']}\n" for item in shown)
 
 
-# Built-in models of nai_fast.models.model.PRESETS, spelled out so `--help` needs no torch import
+# Built-in models of nai_fast.models.presets.PRESETS, spelled out so `--help` needs no torch import
 # (tests/test_generate.py checks the two agree).
 _MODEL_PRESETS = ("sd15", "tiny")
 _TRAIN_OUTPUT = "nai-fast-output"  # nai_fast.engine.generate.DEFAULT_TRAIN_OUTPUT, spelled out for the same reason
@@ -293,7 +293,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     from .hypernetworks.processors import apply_hypernetworks
     from .engine.generate import DEFAULT_TRAIN_OUTPUT, TRAINED_HYPERNETWORK_FILE, save_numbered, txt2img
     from .hypernetworks.modules import Hypernetwork
-    from .models.model import load_model
+    from .models.load import load_model
     from .text.encoder import LongPromptEncoder
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

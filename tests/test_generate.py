@@ -27,7 +27,7 @@ from nai_fast.engine.generate import (
     txt2img,
 )
 from nai_fast.hypernetworks.modules import Hypernetwork
-from nai_fast.models.model import load_model
+from nai_fast.models.load import load_model
 
 # Test sizes are far below the training buckets on purpose (speed); the warning has its own test.
 FAST = dict(width=64, height=64, steps=2, progress=False)
@@ -346,7 +346,7 @@ def test_tiny_preset_uses_the_hypernetwork_trained_for_it(tmp_path, monkeypatch,
 
 def test_other_models_only_get_a_hint(model, tmp_path, monkeypatch, capsys):
     from nai_fast.cli import main
-    from nai_fast.models.model import save_single_file
+    from nai_fast.models.checkpoints import save_single_file
 
     monkeypatch.chdir(tmp_path)
     trained = Path(DEFAULT_TRAIN_OUTPUT) / TRAINED_HYPERNETWORK_FILE
@@ -380,7 +380,7 @@ def test_cli_bad_size_is_a_clear_error(tmp_path, capsys):
 
 def test_cli_choices_match_the_library():
     from nai_fast import cli
-    from nai_fast.models.model import PRESETS
+    from nai_fast.models.presets import PRESETS
 
     assert sorted(cli._MODEL_PRESETS) == sorted(PRESETS)
     assert cli._TRAIN_OUTPUT == DEFAULT_TRAIN_OUTPUT

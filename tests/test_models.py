@@ -1,4 +1,4 @@
-"""Models (nai_fast.models.model, nai_fast.models.checkpoints): presets, the original single-file layout
+"""Models (nai_fast.models: presets, loading, checkpoints): presets, the original single-file layout
 (names checked against real SD 1.x checkpoints, and against diffusers' own converters), round
 trips through every format, separate VAEs, and every refused file with its reason."""
 
@@ -15,7 +15,10 @@ from diffusers import StableDiffusionPipeline
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
 from nai_fast.models import checkpoints as _checkpoints
-from nai_fast.models.model import ModelFileError, build_preset, load_model, save_single_file
+from nai_fast.models.checkpoints import save_single_file
+from nai_fast.models.load import load_model
+from nai_fast.models.presets import build_preset
+from nai_fast.models.stable_diffusion import ModelFileError
 from nai_fast.text.tokenizer import TOKENIZER_FILES
 from nai_fast.text.tokenizer import cache_dir as tokenizer_cache_dir
 

@@ -49,7 +49,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from nai_fast.models.model import load_model
+    from nai_fast.models.load import load_model
 
     return load_model("tiny")
 
@@ -500,7 +500,7 @@ def test_an_empty_batch_is_skipped_and_its_file_reported(tmp_path, tiny, caplog)
 DDP_SCRIPT = """
 import json, os, sys
 import torch
-from nai_fast.models.model import load_model
+from nai_fast.models.load import load_model
 from nai_fast.engine.train import TrainConfig, train
 
 data, output_dir, report = sys.argv[1:4]
@@ -558,7 +558,7 @@ import json, os, sys
 from pathlib import Path
 from nai_fast.engine import train as train_module
 from nai_fast.engine import train_state
-from nai_fast.models.model import load_model
+from nai_fast.models.load import load_model
 from nai_fast.engine.train import TrainConfig, TrainingInterrupted, train
 
 data, output_dir, report = sys.argv[1:4]

@@ -3,7 +3,7 @@
 :func:`txt2img` ``(model, prompt, *, negative_prompt="", width=None, height=None, steps=28,
 guidance_scale=11.0, seed=0, sampler="euler_a", clip_skip=2, batch_size=1, encoder=None,
 progress=True) -> list[GeneratedImage]`` generates with a
-:class:`~nai_fast.models.model.StableDiffusion` where it sits (device and dtype):
+:class:`~nai_fast.models.stable_diffusion.StableDiffusion` where it sits (device and dtype):
 
     prompt + negative -> LongPromptEncoder (both in one call, equal chunk counts)
       -> context [uncond; cond], built once, so the K/V cache of nai_fast.hypernetworks.processors
@@ -72,7 +72,7 @@ from ..hypernetworks.processors import installed_hypernetworks
 if TYPE_CHECKING:
     from PIL import Image
 
-    from ..models.model import StableDiffusion
+    from ..models.stable_diffusion import StableDiffusion
     from ..text.encoder import LongPromptEncoder
 
 __all__ = [

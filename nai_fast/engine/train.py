@@ -102,7 +102,7 @@ from .train_state import atomic_write, load_state, restore_rng_states, rng_state
 if TYPE_CHECKING:
     from ..data.loading import BatchRequest
     from ..hypernetworks.modules import Hypernetwork
-    from ..models.model import StableDiffusion
+    from ..models.stable_diffusion import StableDiffusion
 
 __all__ = [
     "LR_SCHEDULES",
@@ -193,7 +193,7 @@ class TrainingInterrupted(Exception):
 class TrainConfig:
     """Everything a training run depends on. ``nai-fast train --help`` describes each option."""
 
-    model: str = "tiny"  # a preset name (nai_fast.models.model.PRESETS) or a model path
+    model: str = "tiny"  # a preset name (nai_fast.models.presets.PRESETS) or a model path
     data: str | None = None  # image folder with .txt tags; None: a demo dataset (tiny preset only)
     output_dir: str = DEFAULT_TRAIN_OUTPUT  # where `nai-fast generate --preset tiny` looks
     mode: str = "hypernetwork"
@@ -1068,7 +1068,7 @@ class _Run:
 
 
 def _load_model(source: str) -> StableDiffusion:
-    from ..models.model import load_model
+    from ..models.load import load_model
 
     return load_model(source)
 

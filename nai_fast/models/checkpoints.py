@@ -1,6 +1,6 @@
 """Model files: diffusers folders and single-file checkpoints in the original layout.
 
-The private half of :mod:`nai_fast.models.model` (which imports it lazily). Formats:
+The file formats of models (:func:`nai_fast.models.load.load_model` reads through them). Formats:
 
 * **diffusers folder**: ``model_index.json`` with ``unet/``, ``vae/``, ``text_encoder/``,
   ``tokenizer/`` and ``scheduler/``, loaded with ``from_pretrained(local_files_only=True)``.
@@ -22,7 +22,7 @@ Safety and strictness: the format is told from the file's first bytes (the suffi
 pickles go through ``torch.load(weights_only=True)``, so a file that needs code to unpickle is
 refused, never run; every tensor a network needs must be present with its shape, and any other
 tensor under a network's prefix is an error; the architecture is checked from the file's
-metadata before any tensor is read. Every problem is a :class:`~nai_fast.models.model.ModelFileError`
+metadata before any tensor is read. Every problem is a :class:`~nai_fast.models.stable_diffusion.ModelFileError`
 naming the path and the reason.
 
 Memory: the file is memory-mapped; each tensor is copied once, to float32, and the copy is
@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .model import ModelFileError, StableDiffusion, _check_prediction_type, _model_config
+from .stable_diffusion import ModelFileError, StableDiffusion, check_prediction_type, model_config
 from .safe_load import error_reason, load_weights_only
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ def load_from_path(path: str | os.PathLike[str], *, prediction_type: str | None 
     ``prediction_type``: ``"epsilon"`` or ``"v_prediction"``; ``None`` keeps a diffusers
     folder's own and means ``"epsilon"`` for a single file (SD 1.x weights do not tell).
     """
-    _check_prediction_type(prediction_type)
+    check_prediction_type(prediction_type)
     path = Path(path)
     with _file_errors(path):
         if path.is_dir():
@@ -233,7 +233,7 @@ def _load_single_file(path: Path, prediction_type: str) -> StableDiffusion:
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=load_tokenizer(),
-        scheduler=DDPMScheduler.from_config(_model_config(family, "scheduler"), prediction_type=prediction_type),
+        scheduler=DDPMScheduler.from_config(model_config(family, "scheduler"), prediction_type=prediction_type),
         source=str(path),
     )
 
@@ -415,8 +415,8 @@ def _empty_networks(family: str) -> tuple[UNet2DConditionModel, AutoencoderKL, C
 
     with torch.device("meta"):
         return (
-            UNet2DConditionModel.from_config(_model_config(family, "unet")),
-            AutoencoderKL.from_config(_model_config(family, "vae")),
+            UNet2DConditionModel.from_config(model_config(family, "unet")),
+            AutoencoderKL.from_config(model_config(family, "vae")),
             CLIPTextModel(CLIPTextConfig(**load_config(family, "text_encoder"))),
         )
 
