@@ -57,8 +57,12 @@ def triton_workers(*, interpret: bool, processes: int = 1) -> Iterator[Pool]:
         pool.join()
 
 
+PINNED_SEED: int | None = None  # pytest --proof-seed SEED sets it (tests/conftest.py)
+
+
 def fresh_seed() -> int:
-    return secrets.randbits(63)
+    """A new random seed for a proof, or the one pinned from the command line."""
+    return secrets.randbits(63) if PINNED_SEED is None else PINNED_SEED
 
 
 def submit_cases(pool: Pool, job, cases: list, case_id) -> dict[str, tuple[int, AsyncResult]]:

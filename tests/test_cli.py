@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from console_script import console_script
 from PIL import Image
 
 from nai_fast.cli import main
@@ -64,7 +65,7 @@ def test_buckets_names_skipped_files(tmp_path, capsys):
 
 def test_buckets_on_a_folder_without_images(tmp_path):
     (tmp_path / "notes.txt").write_text("no pictures here")
-    result = subprocess.run(["nai-fast", "buckets", str(tmp_path)], capture_output=True, text=True)
+    result = subprocess.run([console_script(), "buckets", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr == f"no images found under {tmp_path}\n"
     assert result.stdout == ""
@@ -78,7 +79,7 @@ def test_missing_folder_is_a_clear_error(tmp_path, capsys):
 
 
 def test_console_script_is_installed():
-    out = subprocess.run(["nai-fast", "--version"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([console_script(), "--version"], capture_output=True, text=True, check=True).stdout
     assert out.startswith("nai_fast ")
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from console_script import console_script
 from PIL import Image
 
 from nai_fast.engine.generate import GenerationParameters
@@ -26,7 +27,7 @@ def nai_fast(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
         "OMP_NUM_THREADS": "1",
     }
     return subprocess.run(
-        ["nai-fast", *argv], cwd=cwd, env=environment, capture_output=True, text=True, timeout=300
+        [console_script(), *argv], cwd=cwd, env=environment, capture_output=True, text=True, timeout=300
     )
 
 

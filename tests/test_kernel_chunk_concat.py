@@ -311,40 +311,12 @@ def test_sass_shows_no_tensor_core_instructions(compiled):
 # -- dispatch ---------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def marked_ops(monkeypatch):
-    """The dispatcher's two targets, replaced by functions that say which one ran."""
-    monkeypatch.setattr(op_module(), "chunk_concat", lambda *args: "triton")
-    monkeypatch.setattr(op_module(), "chunk_concat_reference", lambda *args: "reference")
-
-
 def small_args(chunks: int = 1) -> tuple:
     """chunk_concat arguments: 4 rows a chunk, 8 wide, full layout; the bias keeps the chunk
     means away from 0."""
     hidden, weight, bias = torch.randn(chunks, 4, 8), torch.ones(8), torch.full((8,), 0.5)
     destination = torch.arange(chunks * 4).view(chunks, 4)
     return hidden, weight, bias, EPS, torch.rand(chunks, 4) + 0.5, destination, chunks * 4
-
-
-@pytest.mark.parametrize("mode", [None, "auto", " Auto ", "reference", "REFERENCE"])
-def test_cpu_tensors_get_the_reference(marked_ops, monkeypatch, mode):
-    if mode is None:
-        monkeypatch.delenv(kernels.ENV_VAR, raising=False)
-    else:
-        monkeypatch.setenv(kernels.ENV_VAR, mode)
-    assert kernels.chunk_concat(*small_args()) == "reference"
-
-
-def test_triton_mode_picks_triton(marked_ops, monkeypatch):
-    monkeypatch.setenv(kernels.ENV_VAR, "triton")
-    monkeypatch.setattr(op_module(), "not_supported_reasons", lambda *args: [])
-    assert kernels.chunk_concat(*small_args()) == "triton"
-
-
-def test_invalid_mode_is_an_error(monkeypatch):
-    monkeypatch.setenv(kernels.ENV_VAR, "fast")
-    with pytest.raises(ValueError, match="NAI_FAST_KERNELS='fast' is not one of auto, triton, reference"):
-        kernels.chunk_concat(*small_args())
 
 
 def triton_mode_job(args: tuple) -> torch.Tensor:

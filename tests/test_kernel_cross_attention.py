@@ -258,27 +258,8 @@ def test_half_precision_dots_run_on_tensor_cores(compiled, target):
 # -- dispatch ---------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def marked_ops(monkeypatch):
-    """The dispatcher's two targets, replaced by functions that say which one ran."""
-    monkeypatch.setattr(op_module(), "cross_attention", lambda *args, **kwargs: "triton")
-    monkeypatch.setattr(op_module(), "cross_attention_reference", lambda *args, **kwargs: "reference")
-
-
 def small_args() -> tuple[torch.Tensor, ...]:
     return torch.randn(1, 2, 5, 40), torch.randn(1, 2, 77, 40), torch.randn(1, 2, 77, 40)
-
-
-@pytest.mark.parametrize("mode", ["auto", "reference"])
-def test_cpu_tensors_get_the_reference(marked_ops, monkeypatch, mode):
-    monkeypatch.setenv(kernels.ENV_VAR, mode)
-    assert kernels.cross_attention(*small_args()) == "reference"
-
-
-def test_triton_mode_picks_triton(marked_ops, monkeypatch):
-    monkeypatch.setenv(kernels.ENV_VAR, "triton")
-    monkeypatch.setattr(op_module(), "not_supported_reasons", lambda *args: [])
-    assert kernels.cross_attention(*small_args()) == "triton"
 
 
 def triton_mode_job(args: tuple, scale: float | None, key_padding_mask: torch.Tensor | None) -> torch.Tensor:

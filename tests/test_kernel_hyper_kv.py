@@ -315,30 +315,11 @@ def test_half_precision_dots_run_on_tensor_cores(compiled, target):
 # -- dispatch ---------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def marked_ops(monkeypatch):
-    """The dispatcher's two targets, replaced by functions that say which one ran."""
-    monkeypatch.setattr(op_module(), "hyper_kv", lambda *args: "triton")
-    monkeypatch.setattr(op_module(), "hyper_kv_reference", lambda *args: "reference")
-
-
 def small_args(dtype: torch.dtype = torch.float32, width: int = 16, hidden: int = 32) -> tuple:
     x, weight = torch.randn(2, 5, width, dtype=dtype), torch.randn(4, width, dtype=dtype)
     mlp = MLP(torch.randn(hidden, width, dtype=dtype), torch.randn(hidden, dtype=dtype),
               torch.randn(width, hidden, dtype=dtype), torch.randn(width, dtype=dtype))  # fmt: skip
     return x, weight, weight, mlp, mlp, "gelu"
-
-
-@pytest.mark.parametrize("mode", ["auto", "reference"])
-def test_cpu_tensors_get_the_reference(marked_ops, monkeypatch, mode):
-    monkeypatch.setenv(kernels.ENV_VAR, mode)
-    assert kernels.hyper_kv(*small_args()) == "reference"
-
-
-def test_triton_mode_picks_triton(marked_ops, monkeypatch):
-    monkeypatch.setenv(kernels.ENV_VAR, "triton")
-    monkeypatch.setattr(op_module(), "not_supported_reasons", lambda *args: [])
-    assert kernels.hyper_kv(*small_args()) == "triton"
 
 
 def triton_mode_job(args: tuple) -> tuple[torch.Tensor, torch.Tensor]:

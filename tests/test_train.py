@@ -12,7 +12,6 @@ import csv
 import json
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from console_script import console_script
 from PIL import Image
 
 from nai_fast.engine import train as train_module
@@ -631,15 +631,6 @@ def test_cli_trains_on_the_demo_dataset_and_resumes(tmp_path, capsys):
     assert "hypernetwork.safetensors" in capsys.readouterr().out
     state = load_state(out / STATE_FILE)
     assert json.loads(state["config"])["data"] is None and state["step"] == 3
-
-
-def console_script() -> str:
-    """The installed `nai-fast` itself (beside this Python), not a version manager's shell shim."""
-    beside = Path(sys.executable).with_name("nai-fast")
-    found = str(beside) if beside.is_file() else shutil.which("nai-fast")
-    if found is None:
-        pytest.skip("the nai-fast console script is not installed")
-    return found
 
 
 def train_arguments(data: Path, out: Path, *more: str) -> list[str]:
