@@ -15,6 +15,9 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .engine.config import DEFAULT_TRAIN_OUTPUT as _TRAIN_OUTPUT  # engine/config imports no torch
+from .engine.config import MODEL_PRESETS as _MODEL_PRESETS
+from .engine.config import TRAINED_HYPERNETWORK_FILE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -152,10 +155,7 @@ def _skipped_lines(skipped: list[dict[str, str]], limit: int | None) -> str:
     return heading + ":\n" + "".join(f"  {item['path']}: {item['reason']}\n" for item in shown)
 
 
-# Built-in models of nai_fast.models.presets.PRESETS, spelled out so `--help` needs no torch import
-# (tests/test_generate.py checks the two agree).
-_MODEL_PRESETS = ("sd15", "tiny")
-_TRAIN_OUTPUT = "nai-fast-output"  # nai_fast.engine.generate.DEFAULT_TRAIN_OUTPUT, spelled out for the same reason
+# Spelled out so `--help` needs no torch import (tests/test_generate.py checks they agree).
 _SIZE_STEP = 64  # nai_fast.engine.generate.SIZE_STEP: sizes are checked before torch is imported
 _MAX_SEED = 2**32 - 1  # nai_fast.engine.generate.MAX_SEED
 
@@ -182,7 +182,7 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         default=[],
         type=_hypernetwork_argument,
         help="a hypernetwork (.pt or .safetensors) and its strength (default 1); repeat to apply several in "
-        f"order. Without it, --preset tiny uses {_TRAIN_OUTPUT}/hypernetwork.safetensors when "
+        f"order. Without it, --preset tiny uses {_TRAIN_OUTPUT}/{TRAINED_HYPERNETWORK_FILE} when "
         "`nai-fast train --preset tiny` has written it",
     )
     command.add_argument(

@@ -95,7 +95,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .generate import DEFAULT_TRAIN_OUTPUT
+from .config import DEFAULT_TRAIN_OUTPUT, HYPERNETWORK_FILES
 from .stop import StopRequest, exit_code, ignore_stop_signals
 from .train_state import atomic_write, load_state, restore_rng_states, rng_states, save_state, saved_step
 
@@ -122,7 +122,6 @@ MODES = ("hypernetwork", "finetune")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
-HYPERNETWORK_FILES = ("hypernetwork.safetensors", "hypernetwork.pt")
 UNET_FILE = "unet.safetensors"
 EMA_UNET_FILE = "unet_ema.safetensors"
 STATE_FILE = "training_state.pt"
