@@ -32,7 +32,7 @@ _EXPORTS = {
     # engine
     "txt2img": "nai_fast.engine.generate",
     "GenerationParameters": "nai_fast.engine.generate",
-    "TrainConfig": "nai_fast.engine.train",
+    "TrainConfig": "nai_fast.engine.config",
     "train": "nai_fast.engine.train",
     "patch_pipeline": "nai_fast.engine.pipeline",
     "unpatch_pipeline": "nai_fast.engine.pipeline",

@@ -15,6 +15,9 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .engine.config import DEFAULT_TRAIN_OUTPUT as _TRAIN_OUTPUT  # engine/config imports no torch
+from .engine.config import MODEL_PRESETS as _MODEL_PRESETS
+from .engine.config import HYPERNETWORK_FILES, TRAINED_HYPERNETWORK_FILE, add_train_options, train_config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -152,10 +155,7 @@ def _skipped_lines(skipped: list[dict[str, str]], limit: int | None) -> str:
     return heading + ":\n" + "".join(f"  {item['path']}: {item['reason']}\n" for item in shown)
 
 
-# Built-in models of nai_fast.models.presets.PRESETS, spelled out so `--help` needs no torch import
-# (tests/test_generate.py checks the two agree).
-_MODEL_PRESETS = ("sd15", "tiny")
-_TRAIN_OUTPUT = "nai-fast-output"  # nai_fast.engine.generate.DEFAULT_TRAIN_OUTPUT, spelled out for the same reason
+# Spelled out so `--help` needs no torch import (tests/test_generate.py checks they agree).
 _SIZE_STEP = 64  # nai_fast.engine.generate.SIZE_STEP: sizes are checked before torch is imported
 _MAX_SEED = 2**32 - 1  # nai_fast.engine.generate.MAX_SEED
 
@@ -182,7 +182,7 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         default=[],
         type=_hypernetwork_argument,
         help="a hypernetwork (.pt or .safetensors) and its strength (default 1); repeat to apply several in "
-        f"order. Without it, --preset tiny uses {_TRAIN_OUTPUT}/hypernetwork.safetensors when "
+        f"order. Without it, --preset tiny uses {_TRAIN_OUTPUT}/{TRAINED_HYPERNETWORK_FILE} when "
         "`nai-fast train --preset tiny` has written it",
     )
     command.add_argument(
@@ -353,227 +353,22 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         help="train a hypernetwork (or fine-tune the U-Net) on a folder of tagged images",
         description="Train a NovelAI-style hypernetwork (default) or fine-tune the U-Net on a folder of images "
         "with .txt tags beside them, with aspect-ratio buckets, shuffled tags, prompts of varied length "
-        "(up to 225 tokens) and the penultimate CLIP layer. Writes hypernetwork.safetensors and "
-        "hypernetwork.pt (the web UI's format), or unet.safetensors, plus training_state.pt (for --resume), "
+        "(up to 225 tokens) and the penultimate CLIP layer. Writes {} and {} (the web UI's format), or "
+        "unet.safetensors, plus training_state.pt (for --resume), "
         "training_log.csv and samples/ into the output folder; every checkpoint file is replaced atomically. "
         "Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and prints the command that resumes "
         "it (exit status 130 or 143); a second one stops at once. "
-        "Runs unchanged under torchrun (one process per GPU, or gloo on CPU).",
+        "Runs unchanged under torchrun (one process per GPU, or gloo on CPU). Each option sets the "
+        "nai_fast.TrainConfig field of its name.".format(*HYPERNETWORK_FILES),
     )
-    source = command.add_mutually_exclusive_group()
-    source.add_argument(
-        "--preset", choices=_MODEL_PRESETS, help="a built-in model with random weights (default: tiny, for demos)"
-    )
-    source.add_argument("--model", metavar="PATH", help="a diffusers folder or a single .safetensors/.ckpt checkpoint")
-    command.add_argument(
-        "--data",
-        metavar="DIR",
-        help="images with .txt tags beside them (default with --preset tiny: a small procedural dataset made "
-        "once in OUTPUT_DIR/demo-data)",
-    )
-    command.add_argument(
-        "--output-dir", default=_TRAIN_OUTPUT, metavar="DIR", help=f"where results go (default: {_TRAIN_OUTPUT})"
-    )
-    earlier_run = command.add_mutually_exclusive_group()
-    earlier_run.add_argument(
-        "--resume", action="store_true", help="continue the run whose checkpoint is OUTPUT_DIR/training_state.pt"
-    )
-    earlier_run.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="start over in an OUTPUT_DIR that holds a run, replacing it at the first save (without this or "
-        "--resume, such a folder is refused and left as it is)",
-    )
-    command.add_argument(
-        "--mode",
-        choices=("hypernetwork", "finetune"),
-        default="hypernetwork",
-        help="train a hypernetwork with everything else frozen, or fine-tune the U-Net (default: hypernetwork)",
-    )
-    command.add_argument(
-        "--max-steps",
-        type=_positive_int,
-        default=1000,
-        help="optimizer steps in all, resumed ones included (default: 1000)",
-    )
-    command.add_argument(
-        "--batch-size", type=_positive_int, default=4, help="images per batch and process (default: 4)"
-    )
-    command.add_argument(
-        "--grad-accum", type=_positive_int, default=1, help="batches whose gradients add up to one step (default: 1)"
-    )
-    command.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (default: 1e-5)")
-    command.add_argument(
-        "--lr-schedule",
-        choices=("constant", "cosine", "linear"),
-        default="constant",
-        help="after warmup (default: constant)",
-    )
-    command.add_argument("--warmup-steps", type=int, default=0, help="linear warmup from 0 (default: 0)")
-    command.add_argument(
-        "--resolution",
-        type=int,
-        metavar="PIXELS",
-        help="side of the square base bucket; the SD 1.x grid (512x768 budget, sides 256..1024) is scaled to it "
-        "(default: 128 for --preset tiny, the model's native size otherwise, 512 for SD 1.x)",
-    )
-    command.add_argument(
-        "--mixed-precision",
-        choices=("no", "fp16", "bf16"),
-        default="no",
-        help="autocast dtype; fp16 on CUDA adds loss scaling; frozen networks are stored in it on CUDA (default: no)",
-    )
-    command.add_argument(
-        "--gradient-checkpointing",
-        action="store_true",
-        help="recompute U-Net activations in backward: less memory, slower",
-    )
-    command.add_argument(
-        "--max-grad-norm",
-        type=float,
-        default=1.0,
-        help="clip the gradient norm to this; 0 turns clipping off (default: 1)",
-    )
-    command.add_argument(
-        "--penalty-weight",
-        type=float,
-        default=1.0,
-        help="weight of NovelAI's penalty on the hypernetwork's shallowest (320-wide in SD 1.x) modules; 0 turns "
-        "it off (default: 1)",
-    )
-    command.add_argument(
-        "--ema", action="store_true", help="keep an EMA of the U-Net weights (finetune; unet_ema.safetensors)"
-    )
-    command.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay (default: 0.9999)")
-    command.add_argument(
-        "--caption-dropout", type=float, default=0.0, help="probability of training on an empty caption (default: 0)"
-    )
-    command.add_argument(
-        "--keep-tokens", type=int, default=0, metavar="K", help="leading tags kept in place when shuffling (default: 0)"
-    )
-    command.add_argument(
-        "--min-caption-tokens",
-        type=int,
-        default=50,
-        help="captions are cut (trailing tags dropped) to a token budget drawn between this and 75 x max chunks "
-        "(default: 50)",
-    )
-    command.add_argument("--max-chunks", type=_positive_int, default=3, help="75-token chunks per caption (default: 3)")
-    command.add_argument(
-        "--clip-skip",
-        type=_positive_int,
-        default=2,
-        help="CLIP layer counted from the last: 2 is NovelAI's (default: 2)",
-    )
-    command.add_argument(
-        "--hypernetwork-structure",
-        default="1,2,1",
-        metavar="M,M,...",
-        help="widths of the hypernetwork's layers as multiples of the input width, starting and ending with 1 "
-        "(default: 1,2,1)",
-    )
-    command.add_argument(
-        "--activation",
-        default="linear",
-        help="after each hidden layer: linear (none), relu, swish, ... (default: linear)",
-    )
-    command.add_argument("--layer-norm", action="store_true", help="a LayerNorm after every hypernetwork layer")
-    command.add_argument(
-        "--hypernetwork-dropout", type=float, default=0.0, help="dropout after the hidden layers (default: 0)"
-    )
-    command.add_argument(
-        "--cache-latents",
-        action="store_true",
-        help="encode each image once per bucket and keep its VAE latents; freezes one crop per image and bucket",
-    )
-    command.add_argument(
-        "--save-every",
-        type=int,
-        default=500,
-        metavar="N",
-        help="checkpoint every N steps; 0: only at the end (default: 500)",
-    )
-    command.add_argument(
-        "--sample-every",
-        type=int,
-        default=0,
-        metavar="N",
-        help="sample images every N steps and at the end; 0: never (default: 0)",
-    )
-    command.add_argument(
-        "--sample-prompt",
-        action="append",
-        default=[],
-        metavar="TEXT",
-        help="prompt of a sample image (seed SEED+i for the i-th); repeat for several (default: the first image's tags)",
-    )
-    command.add_argument(
-        "--sample-steps", type=_positive_int, default=20, help="sampling steps of samples (default: 20)"
-    )
-    command.add_argument(
-        "--seed", type=int, default=0, help="seed of shuffles, crops, noise and initial weights (default: 0)"
-    )
-    command.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
-    command.add_argument("--device", help="torch device (default: this process's GPU if there is one, else cpu)")
-    command.add_argument(
-        "--max-consecutive-skips",
-        type=_positive_int,
-        default=10,
-        help="stop after this many steps in a row with a non-finite loss (default: 10)",
-    )
-    command.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_train_options(command)  # an option per TrainConfig field
     command.set_defaults(run=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .engine.train import TrainConfig, TrainingInterrupted, train
+    from .engine.train import TrainingInterrupted, train
 
-    try:
-        structure = tuple(float(m) for m in args.hypernetwork_structure.split(","))
-    except ValueError:
-        raise ValueError(
-            f"--hypernetwork-structure must be numbers separated by commas, got {args.hypernetwork_structure!r}"
-        ) from None
-    config = TrainConfig(
-        model=args.model or args.preset or "tiny",
-        data=args.data,
-        output_dir=args.output_dir,
-        mode=args.mode,
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        lr=args.lr,
-        lr_schedule=args.lr_schedule,
-        warmup_steps=args.warmup_steps,
-        resolution=args.resolution,
-        mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing,
-        max_grad_norm=args.max_grad_norm or None,
-        penalty_weight=args.penalty_weight,
-        ema=args.ema,
-        ema_decay=args.ema_decay,
-        caption_dropout=args.caption_dropout,
-        keep_tokens=args.keep_tokens,
-        min_caption_tokens=args.min_caption_tokens,
-        max_chunks=args.max_chunks,
-        clip_skip=args.clip_skip,
-        hypernetwork_structure=structure,
-        activation=args.activation,
-        layer_norm=args.layer_norm,
-        hypernetwork_dropout=args.hypernetwork_dropout,
-        cache_latents=args.cache_latents,
-        save_every=args.save_every,
-        sample_every=args.sample_every,
-        sample_prompts=tuple(args.sample_prompt),
-        sample_steps=args.sample_steps,
-        seed=args.seed,
-        workers=args.workers,
-        device=args.device,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        max_consecutive_skips=args.max_consecutive_skips,
-        progress=not args.no_progress and sys.stderr.isatty(),
-    )
+    config = train_config(args)
     try:
         result = train(config)
     except TrainingInterrupted as stopped:

@@ -85,8 +85,23 @@ def test_console_script_is_installed():
 
 def test_importing_the_package_stays_light():
     code = (
-        "import sys, nai_fast, nai_fast.data.buckets, nai_fast.data.report, nai_fast.data.sample, nai_fast.text.prompts;"
+        "import sys, nai_fast, nai_fast.data.buckets, nai_fast.data.report, nai_fast.data.sample, nai_fast.text.prompts,"
+        " nai_fast.engine.config;"
         "heavy = {'torch', 'diffusers', 'transformers', 'PIL', 'matplotlib'} & set(sys.modules);"
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_train_help_stays_light():
+    """`nai-fast train --help` builds its options from TrainConfig (engine/config.py) without torch
+    (NumPy comes with the buckets command's presets)."""
+    code = (
+        "import sys\n"
+        "from nai_fast.cli import main\n"
+        "try:\n    main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = {'torch', 'diffusers', 'transformers', 'PIL'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert "--weight-decay" in out and "--no-shuffle-tags" in out

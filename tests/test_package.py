@@ -11,7 +11,8 @@ import nai_fast
 PACKAGE = Path(nai_fast.__file__).parent
 
 # Each part may import the parts before it in this order, never the ones after it.
-LAYERS = ["kernels", "data", "text", "models", "hypernetworks", "engine", "cli", "info"]
+# files.py (atomic writes, standard library only) is below every part.
+LAYERS = ["files", "kernels", "data", "text", "models", "hypernetworks", "engine", "cli", "info"]
 SAME_LAYER = {"cli": {"info"}}  # `nai-fast info` prints what info.py gathers
 # Shipped JSON and its one-function reader: any part may read the SD 1.x configs (kernels/shapes
 # derives attention shapes from the U-Net's).

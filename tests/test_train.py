@@ -7,8 +7,10 @@ shared cores more threads only fight each other.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import csv
+import dataclasses
 import json
 import os
 import shlex
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,7 @@ from PIL import Image
 
 from nai_fast.engine import train as train_module
 from nai_fast.engine import train_state
+from nai_fast.engine.config import add_train_options
 from nai_fast.engine.captions import CaptionAugmenter, CaptionPolicy, split_tags
 from nai_fast.engine.train_state import atomic_write, load_state, save_state
 from nai_fast.cli import main
@@ -793,44 +797,103 @@ def test_a_signal_stops_training_with_a_checkpoint_that_resumes_exactly(tmp_path
     ]
 
 
+def train_options() -> argparse.ArgumentParser:
+    """A parser with `nai-fast train`'s options (the command adds them the same way)."""
+    parser = argparse.ArgumentParser(prog="nai-fast train")
+    add_train_options(parser)
+    return parser
+
+
 def test_cli_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
-    text = capsys.readouterr().out
-    for option in (
-        "--preset",
-        "--model",
-        "--data",
-        "--output-dir",
-        "--max-steps",
-        "--resume",
-        "--overwrite",
-        "--mode",
-        "--batch-size",
-        "--grad-accum",
-        "--lr",
-        "--lr-schedule",
-        "--warmup-steps",
-        "--resolution",
-        "--mixed-precision",
-        "--gradient-checkpointing",
-        "--max-grad-norm",
-        "--penalty-weight",
-        "--ema",
-        "--caption-dropout",
-        "--keep-tokens",
-        "--hypernetwork-structure",
-        "--activation",
-        "--layer-norm",
-        "--save-every",
-        "--sample-every",
-        "--sample-prompt",
-        "--seed",
-        "--workers",
-        "--device",
-        "--cache-latents",
+    text = " ".join(capsys.readouterr().out.split())
+    for action in train_options()._actions[1:]:  # after -h
+        assert all(flag in text for flag in action.option_strings), action.option_strings
+        assert " ".join(action.help.replace("%%", "%").split()[:6]) in text, action.dest
+
+
+def other_value(spec: dataclasses.Field, action: argparse.Action) -> tuple[object, list[str]]:
+    """A value for a TrainConfig field other than its default, and the command-line words that set it."""
+    flag, default = action.option_strings[0], spec.default
+    kind = typing.get_type_hints(TrainConfig)[spec.name]
+    if isinstance(default, bool):
+        return not default, [action.option_strings[0] if not default else action.option_strings[-1]]
+    if action.choices:
+        value = next(choice for choice in action.choices if choice != default)
+        return value, [flag, value]
+    if kind == tuple[str, ...]:
+        return ("a red square", "a blue circle"), [flag, "a red square", flag, "a blue circle"]
+    if kind == tuple[float, ...]:
+        return (1.0, 3.0, 0.5, 1.0), [flag, "1,3,0.5,1"]
+    if isinstance(default, float):
+        value = default / 2 if default else 0.25
+        return value, [flag, repr(value)]
+    if kind in (int, int | None):
+        return (default or 0) + 7, [flag, str((default or 0) + 7)]
+    return f"{spec.name}-value", [flag, f"{spec.name}-value"]
+
+
+def test_every_train_config_field_is_an_option_of_nai_fast_train(monkeypatch):
+    """A command line setting every TrainConfig field to a value other than its default gives exactly that
+    config: a field is an option as soon as it exists. Fields in one mutually exclusive group (resume,
+    overwrite) are set by a command line each."""
+    parser = train_options()
+    actions: dict[str, argparse.Action] = {}
+    for action in parser._actions[1:]:
+        if not action.choices or action.dest not in actions:  # --model PATH rather than --preset {sd15,tiny}
+            actions[action.dest] = action
+    assert set(actions) == {spec.name for spec in dataclasses.fields(TrainConfig)}
+    later = {
+        action.dest
+        for group in parser._mutually_exclusive_groups
+        for action in group._group_actions[1:]
+        if action.dest != group._group_actions[0].dest
+    }
+    assert later == {"overwrite"}
+    seen: list[TrainConfig] = []
+
+    def record(config):
+        seen.append(config)
+        return train_module.TrainResult(0, None, [], {}, 0, 0)
+
+    monkeypatch.setattr(train_module, "train", record)
+    values, words = {}, []
+    for spec in dataclasses.fields(TrainConfig):
+        if spec.name not in later:
+            values[spec.name], more = other_value(spec, actions[spec.name])
+            words += more
+    assert main(["train", *words]) == 0
+    assert seen[-1] == TrainConfig(**values)
+    assert [name for name in values if getattr(seen[-1], name) == getattr(TrainConfig(), name)] == []
+    for name in sorted(later):
+        value, more = other_value(TrainConfig.__dataclass_fields__[name], actions[name])
+        assert main(["train", *more]) == 0
+        assert getattr(seen[-1], name) == value
+    assert main(["train", "--preset", "sd15", "--max-grad-norm", "0", "--max-aspect-error", "none"]) == 0
+    assert (seen[-1].model, seen[-1].max_grad_norm, seen[-1].max_aspect_error) == ("sd15", None, None)
+    assert main(["train"]) == 0
+    assert seen[-1] == TrainConfig(progress=sys.stderr.isatty())  # the defaults: one source
+
+
+def test_train_config_checks_the_choices_and_bounds_its_options_state(capsys):
+    for changes, message in (
+        ({"mode": "dreambooth"}, "mode must be one of"),
+        ({"max_steps": 0}, "max_steps must be at least 1, got 0"),
+        ({"seed": -1}, "seed must not be negative, got -1"),
     ):
-        assert option in text
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(**changes)
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--batch-size", "0"])
+    assert exited.value.code == 2 and "--batch-size: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_cli_options_that_exclude_each_other(capsys):
+    for pair in (["--preset", "tiny", "--model", "m"], ["--resume", "--overwrite"]):
+        with pytest.raises(SystemExit) as exited:
+            main(["train", *pair])
+        assert exited.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
 
 
 def test_the_resume_command_repeats_the_arguments_with_resume_instead_of_overwrite(monkeypatch):

@@ -10,10 +10,8 @@ reported under a reason in ``ScanResult.skipped``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +22,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 from tqdm import tqdm
+
+from ..files import atomic_write
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
 DEFAULT_CACHE_NAME = ".nai_fast_sizes.npz"
@@ -296,16 +296,14 @@ def _save_cache(path: Path, headers: dict[_FileKey, _Header]) -> None:
         "heights": np.array([header.height for header in headers.values()], dtype=np.int64),
         "outcomes": np.array([_HEADER_OUTCOMES.index(header.outcome) for header in headers.values()], dtype=np.uint8),
     }
-    temp_path = None
-    try:
-        file_descriptor, temp_path = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(file_descriptor, "wb") as file:
+
+    def write(temporary: Path) -> None:
+        with temporary.open("wb") as file:  # a file, not a name: np.savez would add .npz to some names
             np.savez_compressed(file, **arrays)
-        os.replace(temp_path, path)
+
+    try:
+        atomic_write(path, write)
     except OSError as exc:  # a read-only dataset still scans, only without a cache
-        if temp_path is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(temp_path)
         logger.warning("could not write scan cache %s (%s)", path, exc)
 
 

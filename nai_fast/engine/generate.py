@@ -44,9 +44,9 @@ holds a comma, colon or newline). :func:`save_png` stores it as the PNG's
 ``parameters`` text chunk; :func:`save_numbered` names files ``00000-1234.png``
 (index-seed), never overwriting one.
 
-:data:`DEFAULT_TRAIN_OUTPUT` is the training CLI's default output folder; a trained
-hypernetwork is written there as ``hypernetwork.safetensors`` and ``nai-fast generate``
-points at it without loading it.
+:data:`DEFAULT_TRAIN_OUTPUT` (from :mod:`nai_fast.engine.config`) is the training CLI's
+default output folder; a trained hypernetwork is written there as
+:data:`TRAINED_HYPERNETWORK_FILE` and ``nai-fast generate`` points at it without loading it.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ import torch
 from torch import nn
 
 from ..hypernetworks.processors import installed_hypernetworks
+from .config import DEFAULT_TRAIN_OUTPUT, TRAINED_HYPERNETWORK_FILE
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -95,8 +96,6 @@ __all__ = [
     "txt2img",
 ]
 
-DEFAULT_TRAIN_OUTPUT = "nai-fast-output"  # the training CLI's default --output-dir
-TRAINED_HYPERNETWORK_FILE = "hypernetwork.safetensors"  # what training writes there
 
 # sampler name -> (diffusers scheduler class, options over the model's noise schedule, web UI label)
 _SAMPLER_RECIPES: dict[str, tuple[str, dict[str, Any], str]] = {

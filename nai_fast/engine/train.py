@@ -95,7 +95,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .generate import DEFAULT_TRAIN_OUTPUT
+from .config import HYPERNETWORK_FILES, LR_SCHEDULES, MIXED_PRECISION, MODES, TrainConfig
 from .stop import StopRequest, exit_code, ignore_stop_signals
 from .train_state import atomic_write, load_state, restore_rng_states, rng_states, save_state, saved_step
 
@@ -118,11 +118,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MODES = ("hypernetwork", "finetune")
-LR_SCHEDULES = ("constant", "cosine", "linear")
-MIXED_PRECISION = ("no", "fp16", "bf16")
-
-HYPERNETWORK_FILES = ("hypernetwork.safetensors", "hypernetwork.pt")
 UNET_FILE = "unet.safetensors"
 EMA_UNET_FILE = "unet_ema.safetensors"
 STATE_FILE = "training_state.pt"
@@ -187,88 +182,6 @@ class TrainingInterrupted(Exception):
     @property
     def exit_code(self) -> int:
         return exit_code(self.signal)
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on. ``nai-fast train --help`` describes each option."""
-
-    model: str = "tiny"  # a preset name (nai_fast.models.presets.PRESETS) or a model path
-    data: str | None = None  # image folder with .txt tags; None: a demo dataset (tiny preset only)
-    output_dir: str = DEFAULT_TRAIN_OUTPUT  # where `nai-fast generate --preset tiny` looks
-    mode: str = "hypernetwork"
-    max_steps: int = 1000  # optimizer steps in the whole run, resumed ones included
-    batch_size: int = 4  # per rank
-    grad_accum: int = 1
-    lr: float = 1e-5
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    weight_decay: float = 0.01
-    resolution: int | None = None  # side of the base bucket; None: the model's (512 for SD 1.x, 128 for tiny)
-    max_aspect_error: float | None = 0.5  # prune images this far (log units) from every bucket
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    max_grad_norm: float | None = 1.0  # None or 0: no clipping
-    penalty_weight: float = 1.0  # hypernetwork shallow-layer penalty
-    ema: bool = False  # fine-tuning only
-    ema_decay: float = 0.9999
-    caption_dropout: float = 0.0
-    keep_tokens: int = 0
-    shuffle_tags: bool = True
-    min_caption_tokens: int = 50
-    max_chunks: int = 3  # 75-token chunks per caption
-    clip_skip: int = 2
-    hypernetwork_structure: tuple[float, ...] = (1.0, 2.0, 1.0)
-    activation: str = "linear"
-    layer_norm: bool = False
-    hypernetwork_dropout: float = 0.0  # after each hidden Linear
-    cache_latents: bool = False
-    save_every: int = 500  # 0: only at the end
-    sample_every: int = 0  # 0: no samples
-    sample_prompts: tuple[str, ...] = ()  # default: the first image's tags
-    sample_steps: int = 20
-    seed: int = 0
-    workers: int = 0  # DataLoader worker processes
-    device: str | None = None  # None: cuda (this rank's GPU) if available, else cpu
-    resume: bool = False  # continue the run whose checkpoint is in output_dir
-    overwrite: bool = False  # start over in an output_dir that holds a run (else refused, see RunExists)
-    max_consecutive_skips: int = 10
-    fixed_noise: bool = False  # the same noise and timesteps at every step (overfitting checks)
-    record_items: bool = False  # list the files each step trained on in TrainResult.trained_items
-    progress: bool = True
-    tensorboard: bool = True  # when torch.utils.tensorboard imports
-
-    def __post_init__(self) -> None:
-        self.hypernetwork_structure = tuple(float(m) for m in self.hypernetwork_structure)
-        self.sample_prompts = tuple(self.sample_prompts)
-        for name, choices in (("mode", MODES), ("lr_schedule", LR_SCHEDULES), ("mixed_precision", MIXED_PRECISION)):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
-        for name in (
-            "max_steps",
-            "batch_size",
-            "grad_accum",
-            "max_chunks",
-            "clip_skip",
-            "sample_steps",
-            "max_consecutive_skips",
-        ):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "save_every", "sample_every", "workers", "keep_tokens", "seed"):
-            if int(getattr(self, name)) < 0:
-                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.resume and self.overwrite:
-            raise ValueError("resume continues the run in output_dir and overwrite replaces it: set one, not both")
-        if self.ema and self.mode != "finetune":
-            raise ValueError("ema applies to mode 'finetune' only")
-        if not 0.0 <= self.hypernetwork_dropout < 1.0:
-            raise ValueError(f"hypernetwork_dropout must lie in [0, 1), got {self.hypernetwork_dropout}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass

@@ -1,11 +1,10 @@
 """Training files written atomically (a kill mid-write never destroys the last one), and the
 random-number state a resume needs.
 
-Every file is written to a temporary file in the destination's own folder, flushed
-and fsynced, then moved over the destination with ``os.replace`` (atomic on POSIX
-and Windows within one filesystem), and the folder entry is fsynced. A crash, a
-kill or an exception at any moment leaves either the old file or the new one,
-never a partial file under the real name; the temporary file is removed on error.
+Every file goes through :func:`nai_fast.files.atomic_write` (re-exported here): a temporary
+file in the destination's own folder, fsynced, moved over the destination with
+``os.replace``, and the folder fsynced. A crash, a kill or an exception at any moment
+leaves either the old file or the new one, never a partial file under the real name.
 
 A training state is a plain dict of tensors, numbers, strings, lists and dicts, so
 it is written with ``torch.save`` and read back with ``torch.load(weights_only=True)``:
@@ -16,56 +15,15 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..files import atomic_write
+
 __all__ = ["atomic_write", "load_state", "restore_rng_states", "rng_states", "save_state", "saved_step"]
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
-    """Call ``write(temporary_path)`` and move the result to ``path`` atomically.
-
-    The temporary file keeps ``path``'s suffix (writers that choose the format by
-    suffix still work) and starts with a dot, so it is never mistaken for a result.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        write(temporary)
-        os.chmod(temporary, _new_file_mode())  # some writers create private (0600) files
-        with open(temporary, "rb+") as written:
-            os.fsync(written.fileno())  # the bytes reach the disk before the name points at them
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    _fsync_folder(path.parent)
-    return path
-
-
-def _new_file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _fsync_folder(folder: Path) -> None:
-    # The rename itself must reach the disk too; Windows cannot open folders, where this is moot.
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
 
 
 def save_state(state: dict[str, Any], path: str | os.PathLike[str]) -> Path:

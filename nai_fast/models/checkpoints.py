@@ -36,7 +36,6 @@ import functools
 import importlib.util
 import logging
 import os
-import uuid
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -46,6 +45,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor
 
+from ..files import atomic_write
 from .stable_diffusion import ModelFileError, StableDiffusion, check_prediction_type, model_config
 from .safe_load import error_reason, load_weights_only
 
@@ -113,8 +113,8 @@ def save_single_file(model: StableDiffusion, path: str | os.PathLike[str]) -> No
 
     ``.safetensors``, or ``.ckpt`` / ``.pt``: ``torch.save({"state_dict": tensors})``, the
     CompVis layout (its scripts read ``["state_dict"]``; the web UI reads either). The file is
-    written beside ``path`` under a temporary name and renamed into place, so ``path`` never
-    holds half a checkpoint.
+    written beside ``path`` under a temporary name and renamed into place
+    (:func:`nai_fast.files.atomic_write`), so ``path`` never holds half a checkpoint.
     """
     path = Path(path)
     if path.suffix not in SINGLE_FILE_SUFFIXES:
@@ -134,7 +134,7 @@ def save_single_file(model: StableDiffusion, path: str | os.PathLike[str]) -> No
         def write(temporary: Path) -> None:
             torch.save({"state_dict": tensors}, temporary)
 
-    _write_atomically(path, write)
+    atomic_write(path, write)
 
 
 # Errors
@@ -645,22 +645,3 @@ def _renamed(key: str, table: list[tuple[str, str, Mapping[str, str]]], network:
         if rest.startswith(part + "."):
             return original + original_part + rest[len(part) :]
     return original + rest
-
-
-# Writing
-
-
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Runs ``write`` on a temporary file beside ``path``, flushes it to disk and renames it to
-    ``path``; on any failure the temporary file goes and ``path`` is untouched."""
-    # A fresh name rather than mkstemp's file, so the writer creates it with the usual
-    # permissions (mkstemp's are owner-only).
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(temporary)
-        with temporary.open("rb+") as file:
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
