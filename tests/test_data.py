@@ -119,6 +119,8 @@ def test_random_seed_when_none_is_given(tmp_path):
     found = scan(tmp_path, cache=False)
     seeds = {make_sampler(found)[1].plan.seed for _ in range(3)}
     assert len(seeds) == 3
+    with pytest.raises(ValueError, match="one seed"):
+        make_sampler(found, world_size=2, rank=1)  # each rank would draw its own
 
 
 def _distributed_worker(rank, world_size, init_file, sizes, out_dir):
@@ -126,7 +128,7 @@ def _distributed_worker(rank, world_size, init_file, sizes, out_dir):
     try:
         ids = assign(sizes, BUCKETS)
         # Each rank is given a different seed: rank 0's must win, or shards would overlap.
-        sampler = BucketBatchSampler(ids, BUCKETS, 3, seed=100 + rank, sizes=sizes)
+        sampler = BucketBatchSampler.from_process_group(ids, BUCKETS, 3, seed=100 + rank, sizes=sizes)
         batches = [request.items for request in sampler]
         np.save(os.path.join(out_dir, f"rank{rank}.npy"), np.stack(batches))
     finally:

@@ -570,7 +570,15 @@ class _Run:
         buckets = scaled_buckets(self.resolution, unit)
         bucket_ids = assign(found.sizes, buckets, max_aspect_error=config.max_aspect_error)
         self.pruned = int((bucket_ids < 0).sum())
-        self.sampler = BucketBatchSampler(bucket_ids, buckets, config.batch_size, seed=config.seed, sizes=found.sizes)
+        self.sampler = BucketBatchSampler(
+            bucket_ids,
+            buckets,
+            config.batch_size,
+            seed=config.seed,
+            world_size=session.world_size,
+            rank=session.rank,
+            sizes=found.sizes,
+        )
         dataset_class = _fixed_crop_dataset(BucketDataset) if config.cache_latents else BucketDataset
         dataset = dataset_class(found.root, found.paths, seed=config.seed)
         self.loader = DataLoader(
