@@ -96,6 +96,7 @@ import torch
 from torch import Tensor, nn
 
 from .generate import DEFAULT_TRAIN_OUTPUT
+from .distributed import Session
 from .stop import StopRequest, exit_code, ignore_stop_signals
 from .train_state import atomic_write, load_state, restore_rng_states, rng_states, save_state, saved_step
 
@@ -295,78 +296,8 @@ def train(config: TrainConfig, *, model: StableDiffusion | None = None) -> Train
     (its U-Net is changed in place when fine-tuning; hypernetwork processors are removed
     again at the end). Seeds the global random generators from ``config.seed``.
     """
-    session = _Session.start(config.device)
-    try:
+    with Session.start(config.device) as session:
         return _Run(config, model, session).run()
-    finally:
-        session.close()
-
-
-# Processes
-
-
-@dataclass
-class _Session:
-    """This process's place in the run: rank, world size, device, and the collectives used."""
-
-    world_size: int
-    rank: int
-    device: torch.device
-    owns_process_group: bool
-
-    @classmethod
-    def start(cls, device_name: str | None) -> _Session:
-        import torch.distributed as dist
-
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", local_rank)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        owns = False
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-            owns = True
-        if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_world_size(), dist.get_rank(), device, owns)
-        return cls(1, 0, device, owns)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    def sum(self, values: Sequence[float]) -> list[float]:
-        """Element-wise sums over all ranks."""
-        if not self.distributed:
-            return [float(v) for v in values]
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(tensor)
-        return tensor.tolist()
-
-    def any(self, flag: bool) -> bool:
-        """Whether ``flag`` holds on any rank (every rank gets the same answer)."""
-        return self.sum([float(flag)])[0] > 0
-
-    def gather(self, value: Any) -> list[Any]:
-        """Every rank's ``value``, in rank order, on every rank."""
-        if not self.distributed:
-            return [value]
-        values: list[Any] = [None] * self.world_size
-        torch.distributed.all_gather_object(values, value)
-        return values
-
-    def barrier(self) -> None:
-        if self.distributed:
-            torch.distributed.barrier()
-
-    def close(self) -> None:
-        if self.owns_process_group:
-            torch.distributed.destroy_process_group()
 
 
 class _Denoiser(nn.Module):
@@ -425,7 +356,7 @@ def _fixed_crop_dataset(dataset_class: type) -> type:
 class _Run:
     """One call of :func:`train`: builds everything, then steps until ``max_steps``."""
 
-    def __init__(self, config: TrainConfig, model: StableDiffusion | None, session: _Session) -> None:
+    def __init__(self, config: TrainConfig, model: StableDiffusion | None, session: Session) -> None:
         self.config = config
         self.session = session
         self.device = session.device
@@ -459,7 +390,7 @@ class _Run:
         self._seed_global_generators()
         if config.resume:
             self._resume()
-        self.denoiser = self._wrap_for_processes(_Denoiser(self.model.unet, self.hypernetwork))
+        self.denoiser = session.wrap(_Denoiser(self.model.unet, self.hypernetwork))
         try:
             with _RunLog(self.output_dir, self.step, session.is_main, config.tensorboard) as self.run_log:
                 self._train_loop()
@@ -656,14 +587,6 @@ class _Run:
         np.random.seed(seed % 2**32)
         random.seed(seed)
 
-    def _wrap_for_processes(self, denoiser: _Denoiser) -> nn.Module:
-        if not self.session.distributed:
-            return denoiser
-        from torch.nn.parallel import DistributedDataParallel
-
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(denoiser, device_ids=device_ids)  # no buffers to sync in SD's U-Net
-
     # Resume
 
     def _check_resumed_widths(self, saved: dict[str, torch.Tensor], path: Path) -> None:
@@ -775,9 +698,8 @@ class _Run:
                 started = time.perf_counter()
                 mse_sum, penalty_sum, micro_batches, images, items, new_failures = self._accumulate(batches)
                 # The step's one all-reduce: losses and counts, and whether any rank was asked to stop.
-                totals = session.sum([mse_sum, penalty_sum, micro_batches, images, new_failures, *stop.flags()])
-                mse_sum, penalty_sum, micro_batches, images, new_failures = totals[:5]
-                stopping = stop.agreed(totals[5:])
+                totals, stopping = session.sum_and_stop([mse_sum, penalty_sum, micro_batches, images, new_failures], stop)
+                mse_sum, penalty_sum, micro_batches, images, new_failures = totals
                 skipped_total += int(new_failures)
                 lr = self.optimizer.param_groups[0]["lr"]  # this step's, before the schedule moves on
                 if not math.isfinite(mse_sum + penalty_sum):  # NaN/inf on any rank reaches every rank's sum
@@ -849,8 +771,7 @@ class _Run:
                     )
                 continue
             last = micro_batches == config.grad_accum - 1
-            synchronise = contextlib.nullcontext() if last or not session.distributed else self.denoiser.no_sync()
-            with synchronise:
+            with session.synchronising(self.denoiser, last):
                 mse, penalty = self._losses(batch)
                 self.scaler.scale((mse + penalty) / config.grad_accum).backward()
             mse_sum += float(mse.detach())
