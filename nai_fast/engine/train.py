@@ -77,7 +77,6 @@ rebuilds the same cache.
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import functools
 import json
@@ -95,9 +94,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .generate import DEFAULT_TRAIN_OUTPUT
 from .distributed import Session
+from .generate import DEFAULT_TRAIN_OUTPUT
 from .stop import StopRequest, exit_code, ignore_stop_signals
+from .train_log import TrainingLog
 from .train_state import atomic_write, load_state, restore_rng_states, rng_states, save_state, saved_step
 
 if TYPE_CHECKING:
@@ -127,10 +127,8 @@ HYPERNETWORK_FILES = ("hypernetwork.safetensors", "hypernetwork.pt")
 UNET_FILE = "unet.safetensors"
 EMA_UNET_FILE = "unet_ema.safetensors"
 STATE_FILE = "training_state.pt"
-LOG_FILE = "training_log.csv"
 SAMPLES_DIR = "samples"
 DEMO_DATA_DIR = "demo-data"
-LOG_COLUMNS = ("step", "epoch", "loss", "penalty", "lr", "images_per_s", "skipped", "skipped_steps", "empty_batches")
 
 _STATE_FORMAT = 1
 _NOISE_STREAM = 0x6E6F6973  # "nois": keeps noise seeds apart from other (seed, ...) streams
@@ -392,7 +390,7 @@ class _Run:
             self._resume()
         self.denoiser = session.wrap(_Denoiser(self.model.unet, self.hypernetwork))
         try:
-            with _RunLog(self.output_dir, self.step, session.is_main, config.tensorboard) as self.run_log:
+            with TrainingLog(self.output_dir, self.step, session.is_main, config.tensorboard) as self.run_log:
                 self._train_loop()
         finally:
             self.model.unet.eval()  # as models are loaded
@@ -1027,59 +1025,3 @@ def _render_sample(
         )[0]
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda temporary: save_png(generated.image, temporary, generated.parameters))
-
-
-class _RunLog:
-    """The CSV log (and TensorBoard, where it imports), written by rank 0 only."""
-
-    def __init__(self, output_dir: Path, start_step: int, active: bool, tensorboard: bool) -> None:
-        self.active = active
-        self.file = None
-        self.writer = None
-        self.tensorboard = None
-        if not active:
-            return
-        path = output_dir / LOG_FILE
-        kept = _rows_up_to(path, start_step)  # a resumed run rewrites the steps after its checkpoint
-        self.file = open(path, "w", newline="", encoding="utf-8")
-        self.writer = csv.DictWriter(self.file, fieldnames=LOG_COLUMNS)
-        self.writer.writeheader()
-        self.writer.writerows(kept)
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                pass
-            else:
-                self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step + 1)
-
-    def __enter__(self) -> _RunLog:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-
-    def write(self, **row: float) -> None:
-        if not self.active:
-            return
-        self.writer.writerow(
-            {key: (f"{value:.6g}" if isinstance(value, float) else value) for key, value in row.items()}
-        )
-        self.file.flush()  # each row as it happens: `tail -f` and monitors see progress
-        if self.tensorboard is not None:
-            for key in ("loss", "penalty", "lr", "images_per_s"):
-                self.tensorboard.add_scalar(f"train/{key}", row[key], row["step"])
-
-    def flush(self) -> None:
-        if self.file is not None:
-            self.file.flush()
-
-
-def _rows_up_to(path: Path, step: int) -> list[dict[str, str]]:
-    if step == 0 or not path.is_file():
-        return []
-    with open(path, newline="", encoding="utf-8") as file:
-        return [row for row in csv.DictReader(file) if row.get("step", "").isdigit() and int(row["step"]) <= step]
