@@ -95,6 +95,11 @@ def test_crops_are_seeded_by_item_and_epoch(tmp_path):
     assert crop(0) == crop(0)
     assert len({tuple(map(tuple, crop(epoch))) for epoch in range(8)}) > 1
 
+    fixed = BucketDataset(tmp_path, ["wide.png"], seed=3, fixed_crops=True)
+    batches = [fixed[BatchRequest(epoch, 0, 64, 64, np.array([0]))] for epoch in range(8)]
+    assert [batch["crop_top_left"].tolist() for batch in batches] == [crop(0)] * 8  # epoch 0's, in every epoch
+    assert [batch["epoch"] for batch in batches] == list(range(8))
+
 
 def test_set_epoch_resume_and_auto_advance(tmp_path):
     make_folder(tmp_path, count=30)

@@ -149,24 +149,30 @@ class BucketDataset(Dataset):
     and (top, left) for size conditioning, ``epoch`` and ``position``. An image
     that fails to load is left out of its batch and listed, with the reason,
     in ``skipped``, so one bad file never stops an epoch. Crops are seeded by
-    ``(seed, epoch, item)``: the same in every run, different every epoch.
+    ``(seed, epoch, item)``: the same in every run, different every epoch. With
+    ``fixed_crops`` they ignore the epoch (seeded as epoch 0's): an image keeps one
+    crop per bucket for good, as a cache of its latents needs.
     """
 
-    def __init__(self, root: str | Path, paths: Sequence[str], *, seed: int = 0, captions: bool = True) -> None:
+    def __init__(
+        self, root: str | Path, paths: Sequence[str], *, seed: int = 0, captions: bool = True, fixed_crops: bool = False
+    ) -> None:
         self.root = Path(root)
         self.paths = list(paths)
         self.seed = seed
         self.captions = captions
+        self.fixed_crops = fixed_crops
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, request: BatchRequest) -> dict[str, Any]:
         fitted, kept, skipped = [], [], []
+        crop_epoch = 0 if self.fixed_crops else request.epoch
         for index in request.items.tolist():
             path = self.root / self.paths[index]
             try:
-                image = fit(path, request.width, request.height, np.random.default_rng([self.seed, request.epoch, index]))
+                image = fit(path, request.width, request.height, np.random.default_rng([self.seed, crop_epoch, index]))
             except ImageLoadError as error:
                 skipped.append((self.paths[index], error.reason))
                 continue

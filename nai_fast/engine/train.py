@@ -101,7 +101,6 @@ from .train_log import TrainingLog
 from .train_state import atomic_write, load_state, restore_rng_states, rng_states, save_state, saved_step
 
 if TYPE_CHECKING:
-    from ..data.loading import BatchRequest
     from ..hypernetworks.modules import Hypernetwork
     from ..models.stable_diffusion import StableDiffusion
 
@@ -335,19 +334,6 @@ class _ExponentialMovingAverage:
         self.shadow = [saved.to(p.device) for saved, p in zip(state["shadow"], self.parameters, strict=True)]
 
 
-def _fixed_crop_dataset(dataset_class: type) -> type:
-    """A dataset class whose crops ignore the epoch (seeded by ``(seed, 0, item)``), so a
-    cached latent is the latent of the crop a batch would have loaded."""
-
-    class FixedCropDataset(dataset_class):
-        def __getitem__(self, request: BatchRequest) -> dict[str, Any]:
-            batch = super().__getitem__(dataclasses.replace(request, epoch=0))
-            batch["epoch"] = request.epoch
-            return batch
-
-    return FixedCropDataset
-
-
 # The run
 
 
@@ -508,8 +494,8 @@ class _Run:
             rank=session.rank,
             sizes=found.sizes,
         )
-        dataset_class = _fixed_crop_dataset(BucketDataset) if config.cache_latents else BucketDataset
-        dataset = dataset_class(found.root, found.paths, seed=config.seed)
+        # A cached latent freezes its crop: the dataset must load that crop in every epoch.
+        dataset = BucketDataset(found.root, found.paths, seed=config.seed, fixed_crops=config.cache_latents)
         self.loader = DataLoader(
             dataset,
             sampler=self.sampler,
