@@ -95,6 +95,11 @@ def test_crops_are_seeded_by_item_and_epoch(tmp_path):
     assert crop(0) == crop(0)
     assert len({tuple(map(tuple, crop(epoch))) for epoch in range(8)}) > 1
 
+    fixed = BucketDataset(tmp_path, ["wide.png"], seed=3, fixed_crops=True)
+    batches = [fixed[BatchRequest(epoch, 0, 64, 64, np.array([0]))] for epoch in range(8)]
+    assert [batch["crop_top_left"].tolist() for batch in batches] == [crop(0)] * 8  # epoch 0's, in every epoch
+    assert [batch["epoch"] for batch in batches] == list(range(8))
+
 
 def test_set_epoch_resume_and_auto_advance(tmp_path):
     make_folder(tmp_path, count=30)
@@ -119,6 +124,8 @@ def test_random_seed_when_none_is_given(tmp_path):
     found = scan(tmp_path, cache=False)
     seeds = {make_sampler(found)[1].plan.seed for _ in range(3)}
     assert len(seeds) == 3
+    with pytest.raises(ValueError, match="one seed"):
+        make_sampler(found, world_size=2, rank=1)  # each rank would draw its own
 
 
 def _distributed_worker(rank, world_size, init_file, sizes, out_dir):
@@ -126,7 +133,7 @@ def _distributed_worker(rank, world_size, init_file, sizes, out_dir):
     try:
         ids = assign(sizes, BUCKETS)
         # Each rank is given a different seed: rank 0's must win, or shards would overlap.
-        sampler = BucketBatchSampler(ids, BUCKETS, 3, seed=100 + rank, sizes=sizes)
+        sampler = BucketBatchSampler.from_process_group(ids, BUCKETS, 3, seed=100 + rank, sizes=sizes)
         batches = [request.items for request in sampler]
         np.save(os.path.join(out_dir, f"rank{rank}.npy"), np.stack(batches))
     finally:

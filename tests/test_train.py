@@ -28,6 +28,7 @@ import torch
 from console_script import console_script
 from PIL import Image
 
+from nai_fast.engine import checkpoint
 from nai_fast.engine import train as train_module
 from nai_fast.engine import train_state
 from nai_fast.engine.config import add_train_options
@@ -424,7 +425,7 @@ def test_a_second_ctrl_c_while_saving_stops_at_once_keeping_the_last_checkpoint(
 
     monkeypatch.setattr(train_module._Run, "_accumulate", ctrl_c_during_step_3)
     monkeypatch.setattr(train_module._Run, "_save_checkpoint", save)
-    monkeypatch.setattr(train_module, "atomic_write", write)
+    monkeypatch.setattr(checkpoint, "atomic_write", write)  # the weight files'
     monkeypatch.setattr(train_state, "atomic_write", write)  # save_state's
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(Aborted) as aborted:
@@ -560,7 +561,7 @@ def test_two_processes_under_torchrun_share_the_work(tmp_path):
 DDP_STOP_SCRIPT = """
 import json, os, sys
 from pathlib import Path
-from nai_fast.engine import train as train_module
+from nai_fast.engine import checkpoint
 from nai_fast.engine import train_state
 from nai_fast.models.load import load_model
 from nai_fast.engine.train import TrainConfig, TrainingInterrupted, train
@@ -574,7 +575,7 @@ def recording_write(path, write):
     written.append(Path(path).name)
     return real_write(path, write)
 
-train_module.atomic_write = train_state.atomic_write = recording_write
+checkpoint.atomic_write = train_state.atomic_write = recording_write
 Path(report, f"rank{rank}.pid").write_text(str(os.getpid()))
 config = TrainConfig(data=data, output_dir=output_dir, max_steps=100000, batch_size=1, resolution=64, lr=1e-3,
                      save_every=0, progress=False, tensorboard=False)

@@ -11,9 +11,11 @@ Use them together, with whole batches as the DataLoader's unit of work::
         sampler.set_epoch(epoch)
         for batch in loader: ...
 
-Each worker then fits all images of a batch to the batch's resolution. Under
-``torch.distributed`` the sampler takes its rank and world size from the
-process group and rank 0's seed, so shards never overlap.
+Each worker then fits all images of a batch to the batch's resolution. Several
+processes give each sampler its ``rank`` and ``world_size`` and one ``seed``
+(a trainer passes its session's), or build it with
+:meth:`BucketBatchSampler.from_process_group`, which asks torch.distributed and
+shares rank 0's seed, so shards never overlap.
 """
 
 from __future__ import annotations
@@ -44,16 +46,6 @@ class BatchRequest:
     items: np.ndarray  # item indices into the dataset's paths
 
 
-def distributed_context(world_size: int | None = None, rank: int | None = None) -> tuple[int, int]:
-    """``(world_size, rank)``: the given values, else torch.distributed's, else ``(1, 0)``."""
-    initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if world_size is None:
-        world_size = torch.distributed.get_world_size() if initialized else 1
-    if rank is None:
-        rank = torch.distributed.get_rank() if initialized else 0
-    return world_size, rank
-
-
 def shared_seed(seed: int | None = None) -> int:
     """A seed every rank agrees on: rank 0's (drawn at random when ``None``),
     broadcast when torch.distributed is initialized, so ranks that were given
@@ -74,9 +66,10 @@ class BucketBatchSampler(Sampler[BatchRequest]):
     one is finished. :meth:`state_dict` / :meth:`load_state_dict` save and
     restore the position within an epoch.
 
-    Args mirror :class:`~nai_fast.data.buckets.EpochPlan`; ``world_size`` and
-    ``rank`` default to torch.distributed's, and ``seed=None`` draws one that
-    all ranks share.
+    Args mirror :class:`~nai_fast.data.buckets.EpochPlan`: one process by default;
+    for several, pass this process's ``rank``, the ``world_size`` and a ``seed``
+    all ranks share (or use :meth:`from_process_group`). ``seed=None`` draws one,
+    which only a single process may do.
     """
 
     def __init__(
@@ -86,17 +79,34 @@ class BucketBatchSampler(Sampler[BatchRequest]):
         batch_size: int,
         *,
         seed: int | None = None,
-        world_size: int | None = None,
-        rank: int | None = None,
+        world_size: int = 1,
+        rank: int = 0,
         sizes: np.ndarray | None = None,
         item_ids: np.ndarray | None = None,
     ) -> None:
-        world_size, rank = distributed_context(world_size, rank)
-        self.plan = EpochPlan(
-            bucket_ids, buckets, batch_size, world_size, rank, shared_seed(seed), item_ids=item_ids, sizes=sizes
-        )
+        if seed is None and world_size > 1:
+            raise ValueError(
+                "several ranks need one seed: pass the same seed on every rank, or use "
+                "BucketBatchSampler.from_process_group, which shares rank 0's"
+            )
+        seed = secrets.randbits(63) if seed is None else int(seed)
+        self.plan = EpochPlan(bucket_ids, buckets, batch_size, world_size, rank, seed, item_ids=item_ids, sizes=sizes)
         self.epoch = 0
         self._epoch_was_set = False
+
+    @classmethod
+    def from_process_group(
+        cls, bucket_ids: np.ndarray, buckets: np.ndarray, batch_size: int, *, seed: int | None = None, **kwargs: Any
+    ) -> BucketBatchSampler:
+        """A sampler for this process of torch.distributed's (initialized) process group: its rank
+        and world size, and rank 0's ``seed`` (see :func:`shared_seed`); one process when there is
+        no process group. ``kwargs``: as the constructor's."""
+        world_size, rank = 1, 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world_size, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        return cls(
+            bucket_ids, buckets, batch_size, seed=shared_seed(seed), world_size=world_size, rank=rank, **kwargs
+        )
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -139,24 +149,30 @@ class BucketDataset(Dataset):
     and (top, left) for size conditioning, ``epoch`` and ``position``. An image
     that fails to load is left out of its batch and listed, with the reason,
     in ``skipped``, so one bad file never stops an epoch. Crops are seeded by
-    ``(seed, epoch, item)``: the same in every run, different every epoch.
+    ``(seed, epoch, item)``: the same in every run, different every epoch. With
+    ``fixed_crops`` they ignore the epoch (seeded as epoch 0's): an image keeps one
+    crop per bucket for good, as a cache of its latents needs.
     """
 
-    def __init__(self, root: str | Path, paths: Sequence[str], *, seed: int = 0, captions: bool = True) -> None:
+    def __init__(
+        self, root: str | Path, paths: Sequence[str], *, seed: int = 0, captions: bool = True, fixed_crops: bool = False
+    ) -> None:
         self.root = Path(root)
         self.paths = list(paths)
         self.seed = seed
         self.captions = captions
+        self.fixed_crops = fixed_crops
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, request: BatchRequest) -> dict[str, Any]:
         fitted, kept, skipped = [], [], []
+        crop_epoch = 0 if self.fixed_crops else request.epoch
         for index in request.items.tolist():
             path = self.root / self.paths[index]
             try:
-                image = fit(path, request.width, request.height, np.random.default_rng([self.seed, request.epoch, index]))
+                image = fit(path, request.width, request.height, np.random.default_rng([self.seed, crop_epoch, index]))
             except ImageLoadError as error:
                 skipped.append((self.paths[index], error.reason))
                 continue

@@ -26,16 +26,17 @@ only other randomness (Dropout in a hypernetwork) uses the global generators, wh
 states are saved per rank. ``training_state.pt`` holds the trainable weights, the
 optimizer, LR scheduler, grad scaler and EMA states, the step, the sampler's consumed
 position, the counters, every rank's RNG states and the config; ``resume=True`` restores
-all of it, so N steps, a resume and M more give the same weights as N+M steps in one run
-(bit for bit on CPU). Keep ``max_steps`` when resuming: the cosine and linear schedules
-span it.
+all of it (:mod:`nai_fast.engine.checkpoint`), so N steps, a resume and M more give the same
+weights as N+M steps in one run (bit for bit on CPU). Keep ``max_steps`` when resuming: the
+cosine and linear schedules span it.
 
 **Files** (rank 0 only, each written atomically; see :mod:`nai_fast.engine.train_state`):
 ``hypernetwork.safetensors`` and ``hypernetwork.pt`` (the web UI's format), or
 ``unet.safetensors`` (diffusers key names; ``unet_ema.safetensors`` with EMA);
 ``training_state.pt`` last, so it never refers to weights newer than the files beside
-it; ``training_log.csv``; ``samples/step{step:06d}-{i}.png``; ``tensorboard/`` when
-``torch.utils.tensorboard`` can be imported.
+it (:mod:`nai_fast.engine.checkpoint`); ``training_log.csv`` and ``tensorboard/`` when
+``torch.utils.tensorboard`` can be imported (:mod:`nai_fast.engine.train_log`);
+``samples/step{step:06d}-{i}.png``.
 
 **Bad data and bad steps.** A file that fails to load is left out of its batch (the
 dataset reports it); a batch left empty is skipped by every rank together (an
@@ -56,9 +57,10 @@ A second signal stops at once (:class:`~nai_fast.engine.stop.Aborted`), keeping 
 checkpoint: ``training_state.pt``, written last, commits each one. Under ``torchrun`` the ranks'
 requests travel in the all-reduce every step makes anyway, so all ranks stop after the same step.
 
-**Several processes.** Under ``torchrun`` (``WORLD_SIZE > 1``) the process group is
-initialised from the environment (NCCL on CUDA, gloo on CPU) and the sampler gives each
-rank a disjoint shard. Gradients are averaged by ``DistributedDataParallel`` wrapped
+**Several processes.** Under ``torchrun`` (``WORLD_SIZE > 1``) the session
+(:mod:`nai_fast.engine.distributed`) initialises the process group from the environment (NCCL
+on CUDA, gloo on CPU), and the sampler, given its rank and world size, gives each rank a
+disjoint shard. Gradients are averaged by ``DistributedDataParallel`` wrapped
 around :class:`_Denoiser`, a module that holds the U-Net (and the hypernetwork) and runs
 the U-Net: the hypernetwork's modules are called by the U-Net's attention processors,
 so wrapping the Hypernetwork alone would never see a forward, but wrapping the module
@@ -69,7 +71,7 @@ all-reduce with the backward pass. Only rank 0 writes; all ranks end together.
 **Latent caching** (``cache_latents``) keeps each image's VAE posterior (mean and
 log-variance) per resolution in memory and samples from it every step, skipping the VAE
 encoder. A cached latent freezes its crop, so with caching on, crops are seeded by
-``(seed, item)`` alone: each image keeps one crop per bucket for the whole run instead
+``(seed, item)`` alone (the dataset's ``fixed_crops``): each image keeps one crop per bucket for the whole run instead
 of a new one every epoch (less augmentation, much less compute), and a resumed run
 rebuilds the same cache.
 """
@@ -77,10 +79,8 @@ rebuilds the same cache.
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
@@ -95,12 +95,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .config import HYPERNETWORK_FILES, LR_SCHEDULES, MIXED_PRECISION, MODES, TrainConfig
+from .checkpoint import STATE_FILE, Progress, Resumable, restore_checkpoint, save_checkpoint
+from .config import DEFAULT_TRAIN_OUTPUT, LR_SCHEDULES, MIXED_PRECISION, MODES, TrainConfig
+from .distributed import Session
 from .stop import StopRequest, exit_code, ignore_stop_signals
-from .train_state import atomic_write, load_state, restore_rng_states, rng_states, save_state, saved_step
+from .train_log import TrainingLog
+from .train_state import atomic_write, saved_step
 
 if TYPE_CHECKING:
-    from ..data.loading import BatchRequest
+    from ..data.scan import ScanResult
     from ..hypernetworks.modules import Hypernetwork
     from ..models.stable_diffusion import StableDiffusion
 
@@ -118,34 +121,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-UNET_FILE = "unet.safetensors"
-EMA_UNET_FILE = "unet_ema.safetensors"
-STATE_FILE = "training_state.pt"
-LOG_FILE = "training_log.csv"
 SAMPLES_DIR = "samples"
 DEMO_DATA_DIR = "demo-data"
-LOG_COLUMNS = ("step", "epoch", "loss", "penalty", "lr", "images_per_s", "skipped", "skipped_steps", "empty_batches")
 
-_STATE_FORMAT = 1
 _NOISE_STREAM = 0x6E6F6973  # "nois": keeps noise seeds apart from other (seed, ...) streams
-# Config fields that may change between a run and its resume without changing what is trained.
-_RESUMABLE_CHANGES = frozenset(
-    {
-        "max_steps",
-        "resume",
-        "overwrite",
-        "save_every",
-        "sample_every",
-        "sample_prompts",
-        "sample_steps",
-        "workers",
-        "device",
-        "progress",
-        "tensorboard",
-        "record_items",
-        "max_consecutive_skips",
-    }
-)
 
 
 class TrainingDiverged(RuntimeError):
@@ -208,78 +187,8 @@ def train(config: TrainConfig, *, model: StableDiffusion | None = None) -> Train
     (its U-Net is changed in place when fine-tuning; hypernetwork processors are removed
     again at the end). Seeds the global random generators from ``config.seed``.
     """
-    session = _Session.start(config.device)
-    try:
+    with Session.start(config.device) as session:
         return _Run(config, model, session).run()
-    finally:
-        session.close()
-
-
-# Processes
-
-
-@dataclass
-class _Session:
-    """This process's place in the run: rank, world size, device, and the collectives used."""
-
-    world_size: int
-    rank: int
-    device: torch.device
-    owns_process_group: bool
-
-    @classmethod
-    def start(cls, device_name: str | None) -> _Session:
-        import torch.distributed as dist
-
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", local_rank)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        owns = False
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-            owns = True
-        if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_world_size(), dist.get_rank(), device, owns)
-        return cls(1, 0, device, owns)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    def sum(self, values: Sequence[float]) -> list[float]:
-        """Element-wise sums over all ranks."""
-        if not self.distributed:
-            return [float(v) for v in values]
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(tensor)
-        return tensor.tolist()
-
-    def any(self, flag: bool) -> bool:
-        """Whether ``flag`` holds on any rank (every rank gets the same answer)."""
-        return self.sum([float(flag)])[0] > 0
-
-    def gather(self, value: Any) -> list[Any]:
-        """Every rank's ``value``, in rank order, on every rank."""
-        if not self.distributed:
-            return [value]
-        values: list[Any] = [None] * self.world_size
-        torch.distributed.all_gather_object(values, value)
-        return values
-
-    def barrier(self) -> None:
-        if self.distributed:
-            torch.distributed.barrier()
-
-    def close(self) -> None:
-        if self.owns_process_group:
-            torch.distributed.destroy_process_group()
 
 
 class _Denoiser(nn.Module):
@@ -319,17 +228,16 @@ class _ExponentialMovingAverage:
         self.shadow = [saved.to(p.device) for saved, p in zip(state["shadow"], self.parameters, strict=True)]
 
 
-def _fixed_crop_dataset(dataset_class: type) -> type:
-    """A dataset class whose crops ignore the epoch (seeded by ``(seed, 0, item)``), so a
-    cached latent is the latent of the crop a batch would have loaded."""
+@dataclass
+class _Sums:
+    """One rank's sums over a step's micro-batches."""
 
-    class FixedCropDataset(dataset_class):
-        def __getitem__(self, request: BatchRequest) -> dict[str, Any]:
-            batch = super().__getitem__(dataclasses.replace(request, epoch=0))
-            batch["epoch"] = request.epoch
-            return batch
-
-    return FixedCropDataset
+    mse: float = 0.0
+    penalty: float = 0.0
+    micro_batches: int = 0
+    images: int = 0
+    new_failures: int = 0  # files that failed to load for the first time
+    items: list[str] = field(default_factory=list)  # the files trained on (record_items)
 
 
 # The run
@@ -338,24 +246,25 @@ def _fixed_crop_dataset(dataset_class: type) -> type:
 class _Run:
     """One call of :func:`train`: builds everything, then steps until ``max_steps``."""
 
-    def __init__(self, config: TrainConfig, model: StableDiffusion | None, session: _Session) -> None:
+    def __init__(self, config: TrainConfig, model: StableDiffusion | None, session: Session) -> None:
         self.config = config
         self.session = session
         self.device = session.device
         self.output_dir = Path(config.output_dir)
         self.model = model
-        self.step = 0
+        self.progress = Progress()  # its load failures: this rank's (all ranks' after a save)
         self.checkpoint_current = False  # whether output_dir's checkpoint is this run as it is now
-        self.skipped_steps = 0
-        self.consecutive_skips = 0
-        self.empty_batches = 0
-        self.load_failures: dict[str, str] = {}  # path -> reason, this rank's (all ranks' after a save)
         self.paths: dict[str, Path] = {}
+        self.files_skipped = 0  # files that failed to load, as the log counts them
         self.losses: list[float] = []
         self.trained_items: list[list[str]] = []
         self.latent_cache: dict[tuple[int, int, int], Tensor] = {}
-        self.consumed = {"epoch": 0, "position": 0}  # the sampler position of the last batch used
         self.samples_enabled = True
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps done, resumed ones included."""
+        return self.progress.step
 
     # Setup
 
@@ -372,9 +281,9 @@ class _Run:
         self._seed_global_generators()
         if config.resume:
             self._resume()
-        self.denoiser = self._wrap_for_processes(_Denoiser(self.model.unet, self.hypernetwork))
+        self.denoiser = session.wrap(_Denoiser(self.model.unet, self.hypernetwork))
         try:
-            with _RunLog(self.output_dir, self.step, session.is_main, config.tensorboard) as self.run_log:
+            with TrainingLog(self.output_dir, self.step, session.is_main, config.tensorboard) as self.run_log:
                 self._train_loop()
         finally:
             self.model.unet.eval()  # as models are loaded
@@ -464,28 +373,26 @@ class _Run:
 
         from ..data.buckets import assign, scaled_buckets
         from ..data.loading import BucketBatchSampler, BucketDataset
-        from ..data.scan import scan
 
         config, session = self.config, self.session
-        folder = Path(config.data) if config.data is not None else self._demo_data()
-        # Rank 0 scans first and writes the size cache; the others then read it instead of racing it.
-        if session.is_main:
-            found = scan(folder, progress=config.progress)
-        session.barrier()
-        if not session.is_main:
-            found = scan(folder)
-        self.found = found
-        if session.is_main:
-            log.info("data: %s in %s", found.summary(), folder)
+        self.found = found = self._scan()
         model = self.model
         unit = model.size_unit
         self.resolution = config.resolution or model.resolution
         buckets = scaled_buckets(self.resolution, unit)
         bucket_ids = assign(found.sizes, buckets, max_aspect_error=config.max_aspect_error)
         self.pruned = int((bucket_ids < 0).sum())
-        self.sampler = BucketBatchSampler(bucket_ids, buckets, config.batch_size, seed=config.seed, sizes=found.sizes)
-        dataset_class = _fixed_crop_dataset(BucketDataset) if config.cache_latents else BucketDataset
-        dataset = dataset_class(found.root, found.paths, seed=config.seed)
+        self.sampler = BucketBatchSampler(
+            bucket_ids,
+            buckets,
+            config.batch_size,
+            seed=config.seed,
+            world_size=session.world_size,
+            rank=session.rank,
+            sizes=found.sizes,
+        )
+        # A cached latent freezes its crop: the dataset must load that crop in every epoch.
+        dataset = BucketDataset(found.root, found.paths, seed=config.seed, fixed_crops=config.cache_latents)
         self.loader = DataLoader(
             dataset,
             sampler=self.sampler,
@@ -499,6 +406,21 @@ class _Run:
             # them once it has finished its step and saved.
             worker_init_fn=ignore_stop_signals,
         )
+
+    def _scan(self) -> ScanResult:
+        from ..data.scan import scan
+
+        config, session = self.config, self.session
+        folder = Path(config.data) if config.data is not None else self._demo_data()
+        # Rank 0 scans first and writes the size cache; the others then read it instead of racing it.
+        if session.is_main:
+            found = scan(folder, progress=config.progress)
+        session.barrier()
+        if not session.is_main:
+            found = scan(folder)
+        if session.is_main:
+            log.info("data: %s in %s", found.summary(), folder)
+        return found
 
     def _demo_data(self) -> Path:
         """The tiny preset's procedural dataset in ``output_dir/demo-data``, made once (by rank 0,
@@ -561,87 +483,31 @@ class _Run:
         np.random.seed(seed % 2**32)
         random.seed(seed)
 
-    def _wrap_for_processes(self, denoiser: _Denoiser) -> nn.Module:
-        if not self.session.distributed:
-            return denoiser
-        from torch.nn.parallel import DistributedDataParallel
+    # Checkpoints
 
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(denoiser, device_ids=device_ids)  # no buffers to sync in SD's U-Net
-
-    # Resume
-
-    def _check_resumed_widths(self, saved: dict[str, torch.Tensor], path: Path) -> None:
-        """A saved hypernetwork for other k/v widths (another model) is refused by its widths."""
-        from ..hypernetworks.processors import HypernetworkMismatchError
-
-        widths = sorted({int(key.split(".")[1]) for key in saved if key.startswith("pairs.")})
-        if widths != sorted(self.hypernetwork.widths):
-            raise HypernetworkMismatchError(
-                f"cannot resume from {path}: its hypernetwork has modules for k/v widths "
-                f"{', '.join(map(str, widths))}, but this model's attention layers take k/v inputs of widths "
-                f"{', '.join(map(str, sorted(self.hypernetwork.widths)))} (resumed with another model?)"
-            )
+    def _resumable(self) -> Resumable:
+        return Resumable(
+            self.trainable, self.optimizer, self.lr_scheduler, self.scaler, self.ema, self.sampler, self.hypernetwork
+        )
 
     def _resume(self) -> None:
-        path = self.output_dir / STATE_FILE
-        if not path.is_file():
-            if self.session.is_main:
-                log.warning("resume: no %s in %s, starting from step 0", STATE_FILE, self.output_dir)
-            return
-        state = load_state(path)
-        if state.get("format") != _STATE_FORMAT:
-            raise ValueError(f"cannot resume from {path}: unknown state format {state.get('format')!r}")
-        self._check_resumed_config(json.loads(state["config"]))
-        if self.hypernetwork is not None:
-            self._check_resumed_widths(state["trainable"], path)
-        try:
-            self.trainable.load_state_dict(state["trainable"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as error:
-            raise ValueError(f"cannot resume from {path}: {error}") from error
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if state["grad_scaler"]:
-            self.scaler.load_state_dict(state["grad_scaler"])
-        if self.ema is not None and state["ema"] is not None:
-            self.ema.load_state_dict(state["ema"])
-        self.sampler.load_state_dict(state["sampler"])
-        self.consumed = {"epoch": int(state["sampler"]["epoch"]), "position": int(state["sampler"]["position"])}
-        ranks = state["rng"]
-        if len(ranks) == self.session.world_size:
-            restore_rng_states(ranks[self.session.rank])
-        elif self.session.is_main:
-            log.warning(
-                "resume: saved with %d ranks, running with %d; random states not restored",
-                len(ranks),
-                self.session.world_size,
-            )
-        counters = state["counters"]
-        self.step = int(state["step"])
-        self.checkpoint_current = True
-        self.skipped_steps = int(counters["skipped_steps"])
-        self.consecutive_skips = int(counters["consecutive_skips"])
-        self.empty_batches = int(counters["empty_batches"])
-        self.load_failures = dict(counters["load_failures"])
-        if self.hypernetwork is not None:
-            self.hypernetwork.step = self.step
-        if self.session.is_main:
-            log.info("resumed from %s at step %d", path, self.step)
+        restored = restore_checkpoint(self.session, self.output_dir, self._resumable(), self.config.to_dict())
+        if restored is not None:
+            self.progress, self.checkpoint_current = restored, True
 
-    def _check_resumed_config(self, saved: dict[str, Any]) -> None:
-        current = json.loads(json.dumps(self.config.to_dict()))  # tuples as lists, as saved
-        changed = sorted(key for key in current if key not in _RESUMABLE_CHANGES and saved.get(key) != current[key])
-        if changed and self.session.is_main:
-            log.warning(
-                "resume: options changed since the checkpoint: %s; the run will differ from an uninterrupted one",
-                ", ".join(f"{key} {saved.get(key)!r} -> {current[key]!r}" for key in changed),
-            )
+    def _save_checkpoint(self) -> None:
+        """Every rank takes part (random states and load failures are gathered); rank 0 writes."""
+        self.checkpoint_current = True
+        paths = save_checkpoint(self.session, self.output_dir, self._resumable(), self.progress, self.config.to_dict())
+        if paths:
+            self.paths.update(paths)
+            self.run_log.flush()
 
     # The loop
 
     def _batches(self) -> Iterator[dict[str, Any]]:
         """Batches forever, epoch after epoch, from the sampler's (possibly restored) position."""
-        epoch = self.consumed["epoch"]
+        epoch = self.progress.epoch
         while True:
             self.sampler.set_epoch(epoch)
             for batch in self.loader:
@@ -659,65 +525,32 @@ class _Run:
                     config.max_steps,
                 )
             return
-        from tqdm import tqdm
-
-        bar = tqdm(
-            total=config.max_steps,
-            initial=self.step,
-            desc="train",
-            unit="step",
-            disable=not (session.is_main and config.progress),
-            dynamic_ncols=True,
-        )
         batches = self._batches()
         # Files that failed to load so far (every rank knows the same ones after a resume). A file can
         # fail on two ranks in different epochs; the log may count it twice, the result never does.
-        skipped_total = len(self.load_failures)
-        with bar, StopRequest() as stop:
+        self.files_skipped = len(self.progress.load_failures)
+        with self._progress_bar() as self.bar, StopRequest() as stop:
             while self.step < config.max_steps:
                 if stop.received is not None and not session.distributed:
                     self._stop(stop.received)  # alone, it need not wait for the next all-reduce to agree
-                started = time.perf_counter()
-                mse_sum, penalty_sum, micro_batches, images, items, new_failures = self._accumulate(batches)
-                # The step's one all-reduce: losses and counts, and whether any rank was asked to stop.
-                totals = session.sum([mse_sum, penalty_sum, micro_batches, images, new_failures, *stop.flags()])
-                mse_sum, penalty_sum, micro_batches, images, new_failures = totals[:5]
-                stopping = stop.agreed(totals[5:])
-                skipped_total += int(new_failures)
-                lr = self.optimizer.param_groups[0]["lr"]  # this step's, before the schedule moves on
-                if not math.isfinite(mse_sum + penalty_sum):  # NaN/inf on any rank reaches every rank's sum
-                    self._skip_step(f"loss {mse_sum + penalty_sum}")
-                    stepped = False
-                elif not self._optimizer_step():
-                    self._skip_step("gradient norm not finite")
-                    stepped = False
-                else:
-                    stepped = True
-                    self.consecutive_skips = 0
-                    self.step += 1
-                    loss = mse_sum / micro_batches
-                    self.losses.append(loss)
-                    if config.record_items:
-                        self.trained_items.append(items)
-                    elapsed = time.perf_counter() - started
-                    self.run_log.write(
-                        step=self.step,
-                        epoch=self.consumed["epoch"],
-                        loss=loss,
-                        penalty=penalty_sum / micro_batches,
-                        lr=lr,
-                        images_per_s=images / elapsed,
-                        skipped=skipped_total,
-                        skipped_steps=self.skipped_steps,
-                        empty_batches=self.empty_batches,
-                    )
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images / elapsed:.1f}", lr=f"{lr:.2e}")
+                stepped, stopping = self._train_step(batches, stop)
                 if stopping is not None and self.step < config.max_steps:  # at max_steps the run is done
                     self._stop(stopping)
                 if stepped:
                     self._periodic_outputs()
         session.barrier()
+
+    def _progress_bar(self) -> Any:
+        from tqdm import tqdm
+
+        return tqdm(
+            total=self.config.max_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            disable=not (self.session.is_main and self.config.progress),
+            dynamic_ncols=True,
+        )
 
     def _stop(self, signal_number: int) -> NoReturn:
         """Save a checkpoint at the last completed step, as a periodic save does (every rank takes
@@ -727,44 +560,138 @@ class _Run:
         self.session.barrier()  # no rank leaves (and ends the job under torchrun) before rank 0 has written
         raise TrainingInterrupted(signal_number, self.step, self.output_dir, rank=self.session.rank)
 
-    def _accumulate(self, batches: Iterator[dict[str, Any]]) -> tuple[float, float, int, int, list[str], int]:
+    def _train_step(self, batches: Iterator[dict[str, Any]], stop: StopRequest) -> tuple[bool, signal.Signals | None]:
+        """One optimizer step, or a skipped one: whether it stepped, and the signal all ranks stop for."""
+        started = time.perf_counter()
+        sums = self._accumulate(batches)
+        # The step's one all-reduce: losses and counts, and whether any rank was asked to stop.
+        totals, stopping = self.session.sum_and_stop(
+            [sums.mse, sums.penalty, sums.micro_batches, sums.images, sums.new_failures], stop
+        )
+        mse, penalty, micro_batches, images, new_failures = totals
+        self.files_skipped += int(new_failures)
+        lr = self.optimizer.param_groups[0]["lr"]  # this step's, before the schedule moves on
+        if not math.isfinite(mse + penalty):  # NaN/inf on any rank reaches every rank's sum
+            self._skip_step(f"loss {mse + penalty}")
+            return False, stopping
+        if not self._optimizer_step():
+            self._skip_step("gradient norm not finite")
+            return False, stopping
+        self.progress.consecutive_skips = 0
+        self.progress.step += 1
+        loss = mse / micro_batches
+        self.losses.append(loss)
+        if self.config.record_items:
+            self.trained_items.append(sums.items)
+        self._log_step(loss, penalty / micro_batches, lr, images / (time.perf_counter() - started))
+        return True, stopping
+
+    def _skip_step(self, reason: str) -> None:
+        progress = self.progress
+        self.optimizer.zero_grad(set_to_none=True)
+        progress.skipped_steps += 1
+        progress.consecutive_skips += 1
+        if self.session.is_main:
+            log.warning(
+                "step %d skipped: %s (%d in a row, %d in all)",
+                self.step + 1,
+                reason,
+                progress.consecutive_skips,
+                progress.skipped_steps,
+            )
+        if progress.consecutive_skips >= self.config.max_consecutive_skips:
+            saved = self.output_dir / STATE_FILE
+            last = (
+                f"the last checkpoint, {saved}, is left as it was" if saved.is_file() else "no checkpoint was written"
+            )
+            raise TrainingDiverged(
+                f"the loss or its gradients were not finite for {progress.consecutive_skips} steps in a row "
+                f"(at step {self.step + 1}); stopping; {last}. Try a lower learning rate, another mixed precision, "
+                "or gradient clipping."
+            )
+
+    def _optimizer_step(self) -> bool:
+        """Unscale, clip and step; False (nothing stepped) when the gradients are not finite."""
+        config = self.config
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)
+        # With clipping off the norm is still taken (a max of inf scales by exactly 1), to catch
+        # non-finite gradients of a finite loss; fp16's scaler checks them itself.
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters, config.max_grad_norm or math.inf)
+        if not self.scaler.is_enabled() and not torch.isfinite(norm):
+            return False
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update()
+        if self.hypernetwork is not None:
+            self.hypernetwork.step = self.step + 1
+        return True
+
+    def _log_step(self, loss: float, penalty: float, lr: float, images_per_s: float) -> None:
+        progress = self.progress
+        self.run_log.write(
+            step=progress.step,
+            epoch=progress.epoch,
+            loss=loss,
+            penalty=penalty,
+            lr=lr,
+            images_per_s=images_per_s,
+            skipped=self.files_skipped,
+            skipped_steps=progress.skipped_steps,
+            empty_batches=progress.empty_batches,
+        )
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.1f}", lr=f"{lr:.2e}")
+
+    # A step's batches
+
+    def _accumulate(self, batches: Iterator[dict[str, Any]]) -> _Sums:
         """Forward and backward ``grad_accum`` non-empty batches; their summed losses and counts."""
-        config, session = self.config, self.session
-        mse_sum = penalty_sum = 0.0
-        micro_batches = images = new_failures = 0
-        items: list[str] = []
-        while micro_batches < config.grad_accum:
+        config = self.config
+        sums = _Sums()
+        while sums.micro_batches < config.grad_accum:
             batch = next(batches)
-            self.consumed = {"epoch": int(batch["epoch"]), "position": int(batch["position"]) + 1}
-            self.checkpoint_current = False
-            for path, reason in batch["skipped"]:
-                if path not in self.load_failures:
-                    self.load_failures[path] = reason
-                    new_failures += 1
-                    log.warning("skipped %s: %s", path, reason)
-            count = len(batch["indices"])
+            sums.new_failures += self._take(batch)
             # Every rank must agree, or one would wait in the backward's all-reduce for ever.
-            if session.any(count == 0):
-                self.empty_batches += 1
-                if session.is_main:
-                    log.warning(
-                        "skipped an empty batch (epoch %d, position %d): no image of it loaded on some rank",
-                        batch["epoch"],
-                        batch["position"],
-                    )
+            if self.session.any(len(batch["indices"]) == 0):
+                self._skip_empty_batch(batch)
                 continue
-            last = micro_batches == config.grad_accum - 1
-            synchronise = contextlib.nullcontext() if last or not session.distributed else self.denoiser.no_sync()
-            with synchronise:
+            last = sums.micro_batches == config.grad_accum - 1
+            with self.session.synchronising(self.denoiser, last):
                 mse, penalty = self._losses(batch)
                 self.scaler.scale((mse + penalty) / config.grad_accum).backward()
-            mse_sum += float(mse.detach())
-            penalty_sum += float(penalty.detach())
-            micro_batches += 1
-            images += count
+            sums.mse += float(mse.detach())
+            sums.penalty += float(penalty.detach())
+            sums.micro_batches += 1
+            sums.images += len(batch["indices"])
             if config.record_items:
-                items.extend(self.found.paths[i] for i in batch["indices"].tolist())
-        return mse_sum, penalty_sum, micro_batches, images, items, new_failures
+                sums.items.extend(self.found.paths[i] for i in batch["indices"].tolist())
+        return sums
+
+    def _take(self, batch: dict[str, Any]) -> int:
+        """Count ``batch`` as used (its sampler position) and note its load failures; the new ones' count."""
+        progress = self.progress
+        progress.epoch, progress.position = int(batch["epoch"]), int(batch["position"]) + 1
+        self.checkpoint_current = False
+        new = 0
+        for path, reason in batch["skipped"]:
+            if path not in progress.load_failures:
+                progress.load_failures[path] = reason
+                new += 1
+                log.warning("skipped %s: %s", path, reason)
+        return new
+
+    def _skip_empty_batch(self, batch: dict[str, Any]) -> None:
+        self.progress.empty_batches += 1
+        if self.session.is_main:
+            log.warning(
+                "skipped an empty batch (epoch %d, position %d): no image of it loaded on some rank",
+                batch["epoch"],
+                batch["position"],
+            )
 
     def _losses(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """The diffusion loss and the hypernetwork penalty of one batch, with graphs."""
@@ -836,48 +763,6 @@ class _Run:
         cond, uncond = self.encoder.encode(first, second)
         return torch.cat([cond, uncond])[: len(captions)]
 
-    def _skip_step(self, reason: str) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        self.skipped_steps += 1
-        self.consecutive_skips += 1
-        if self.session.is_main:
-            log.warning(
-                "step %d skipped: %s (%d in a row, %d in all)",
-                self.step + 1,
-                reason,
-                self.consecutive_skips,
-                self.skipped_steps,
-            )
-        if self.consecutive_skips >= self.config.max_consecutive_skips:
-            saved = self.output_dir / STATE_FILE
-            last = (
-                f"the last checkpoint, {saved}, is left as it was" if saved.is_file() else "no checkpoint was written"
-            )
-            raise TrainingDiverged(
-                f"the loss or its gradients were not finite for {self.consecutive_skips} steps in a row (at step {self.step + 1}); "
-                f"stopping; {last}. Try a lower learning rate, another mixed precision, or gradient clipping."
-            )
-
-    def _optimizer_step(self) -> bool:
-        """Unscale, clip and step; False (nothing stepped) when the gradients are not finite."""
-        config = self.config
-        if self.scaler.is_enabled():
-            self.scaler.unscale_(self.optimizer)
-        # With clipping off the norm is still taken (a max of inf scales by exactly 1), to catch
-        # non-finite gradients of a finite loss; fp16's scaler checks them itself.
-        norm = torch.nn.utils.clip_grad_norm_(self.parameters, config.max_grad_norm or math.inf)
-        if not self.scaler.is_enabled() and not torch.isfinite(norm):
-            return False
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update()
-        if self.hypernetwork is not None:
-            self.hypernetwork.step = self.step + 1
-        return True
-
     # Outputs
 
     def _periodic_outputs(self) -> None:
@@ -888,50 +773,6 @@ class _Run:
         sample_now = config.sample_every and (last or step % config.sample_every == 0)
         if sample_now and self.samples_enabled and self.session.is_main:
             self._write_samples()
-
-    def _save_checkpoint(self) -> None:
-        session = self.session
-        self.checkpoint_current = True
-        # Every rank's random states and load failures, so a resume restores all of them.
-        gathered = session.gather((rng_states(), self.load_failures))
-        for _, failures in gathered:
-            for path, reason in failures.items():
-                self.load_failures.setdefault(path, reason)
-        if not session.is_main:
-            return
-        out = self.output_dir
-        if self.hypernetwork is not None:
-            for name in HYPERNETWORK_FILES:
-                self.paths[name] = atomic_write(out / name, self.hypernetwork.save)
-        else:
-            unet = self.model.unet
-            self.paths[UNET_FILE] = _save_weights(unet.state_dict(), out / UNET_FILE)
-            if self.ema is not None:
-                names = {id(p): name for name, p in unet.named_parameters()}
-                weights = dict(unet.state_dict())
-                for parameter, shadow in zip(self.ema.parameters, self.ema.shadow):
-                    weights[names[id(parameter)]] = shadow.to(parameter.dtype)
-                self.paths[EMA_UNET_FILE] = _save_weights(weights, out / EMA_UNET_FILE)
-        state = {
-            "format": _STATE_FORMAT,
-            "step": self.step,
-            "trainable": self.trainable.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(),
-            "grad_scaler": self.scaler.state_dict(),
-            "ema": None if self.ema is None else self.ema.state_dict(),
-            "sampler": self.sampler.state_dict(consumed=self.consumed["position"]) | {"epoch": self.consumed["epoch"]},
-            "rng": [states for states, _ in gathered],
-            "counters": {
-                "skipped_steps": self.skipped_steps,
-                "consecutive_skips": self.consecutive_skips,
-                "empty_batches": self.empty_batches,
-                "load_failures": self.load_failures,
-            },
-            "config": json.dumps(self.config.to_dict()),
-        }
-        self.paths[STATE_FILE] = save_state(state, out / STATE_FILE)  # last: it commits the checkpoint
-        self.run_log.flush()
 
     def _write_samples(self) -> None:
         prompts = self.config.sample_prompts or (self.found.tags(0) or "",)
@@ -958,7 +799,7 @@ class _Run:
     def _result(self) -> TrainResult:
         session = self.session
         failures: dict[str, str] = {}
-        for rank_failures in session.gather(self.load_failures):
+        for rank_failures in session.gather(self.progress.load_failures):
             failures.update(rank_failures)
         skipped = dict(self.found.skipped_counts())
         for reason in failures.values():
@@ -972,8 +813,8 @@ class _Run:
             final_loss=self.losses[-1] if self.losses else None,
             paths=list(self.paths.values()) if session.is_main else [],
             skipped_files=skipped,
-            skipped_steps=self.skipped_steps,
-            empty_batches=self.empty_batches,
+            skipped_steps=self.progress.skipped_steps,
+            empty_batches=self.progress.empty_batches,
             losses=self.losses,
             hypernetwork=self.hypernetwork,
             trained_items=self.trained_items,
@@ -991,13 +832,6 @@ def _prediction_loss(prediction: Tensor, target: Tensor) -> Tensor:
     return torch.nn.functional.mse_loss(prediction, target)
 
 
-def _save_weights(weights: dict[str, Tensor], path: Path) -> Path:
-    import safetensors.torch
-
-    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in weights.items()}
-    return atomic_write(path, lambda temporary: safetensors.torch.save_file(tensors, temporary))
-
-
 def _render_sample(
     model: StableDiffusion, prompt: str, *, seed: int, size: int, steps: int, clip_skip: int, path: Path
 ) -> None:
@@ -1011,59 +845,3 @@ def _render_sample(
         )[0]
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda temporary: save_png(generated.image, temporary, generated.parameters))
-
-
-class _RunLog:
-    """The CSV log (and TensorBoard, where it imports), written by rank 0 only."""
-
-    def __init__(self, output_dir: Path, start_step: int, active: bool, tensorboard: bool) -> None:
-        self.active = active
-        self.file = None
-        self.writer = None
-        self.tensorboard = None
-        if not active:
-            return
-        path = output_dir / LOG_FILE
-        kept = _rows_up_to(path, start_step)  # a resumed run rewrites the steps after its checkpoint
-        self.file = open(path, "w", newline="", encoding="utf-8")
-        self.writer = csv.DictWriter(self.file, fieldnames=LOG_COLUMNS)
-        self.writer.writeheader()
-        self.writer.writerows(kept)
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                pass
-            else:
-                self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step + 1)
-
-    def __enter__(self) -> _RunLog:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-
-    def write(self, **row: float) -> None:
-        if not self.active:
-            return
-        self.writer.writerow(
-            {key: (f"{value:.6g}" if isinstance(value, float) else value) for key, value in row.items()}
-        )
-        self.file.flush()  # each row as it happens: `tail -f` and monitors see progress
-        if self.tensorboard is not None:
-            for key in ("loss", "penalty", "lr", "images_per_s"):
-                self.tensorboard.add_scalar(f"train/{key}", row[key], row["step"])
-
-    def flush(self) -> None:
-        if self.file is not None:
-            self.file.flush()
-
-
-def _rows_up_to(path: Path, step: int) -> list[dict[str, str]]:
-    if step == 0 or not path.is_file():
-        return []
-    with open(path, newline="", encoding="utf-8") as file:
-        return [row for row in csv.DictReader(file) if row.get("step", "").isdigit() and int(row["step"]) <= step]
