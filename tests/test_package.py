@@ -10,8 +10,9 @@ import nai_fast
 
 PACKAGE = Path(nai_fast.__file__).parent
 
-# Each part may import the parts before it in this order, never the ones after it.
-LAYERS = ["kernels", "data", "text", "models", "hypernetworks", "engine", "cli", "info"]
+# Each part may import the parts before it in this order, never the ones after it. safe_load.py is a
+# leaf every part that reads weight files may use (text/ reads embeddings, below models/).
+LAYERS = ["safe_load", "kernels", "data", "text", "models", "hypernetworks", "engine", "cli", "info"]
 SAME_LAYER = {"cli": {"info"}}  # `nai-fast info` prints what info.py gathers
 # Shipped JSON and its one-function reader: any part may read the SD 1.x configs (kernels/shapes
 # derives attention shapes from the U-Net's).
