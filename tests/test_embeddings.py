@@ -227,7 +227,8 @@ def test_names_match_whole_words_longest_first():
     ends = {10, 11, 12, 13, 20}  # ids ending a word; 30 is a word's first part ("bob" of "bobcat")
     names = [EmbeddingName("a", (10,), 1), EmbeddingName("ab", (10, 11), 2)]
     tokenize = {"x": [10, 11, 12], "y": [30, 10, 12], "z": [13, 10]}.__getitem__
-    assert tokenize_runs([("x", 1.0)], tokenize, names, word_ends=ends).embeddings == [EmbeddingSpan(0, 2, "ab", (10, 11))]
+    found = tokenize_runs([("x", 1.0)], tokenize, names, word_ends=ends).embeddings
+    assert found == [EmbeddingSpan(0, 2, "ab", (10, 11))]
     assert tokenize_runs([("y", 1.0)], tokenize, names, word_ends=ends).embeddings == []  # inside a word
     assert tokenize_runs([("y", 1.0)], tokenize, names).embeddings == [EmbeddingSpan(1, 1, "a", (10,))]  # web UI rule
     assert tokenize_runs([("z", 1.0)], tokenize, names, word_ends=ends).embeddings == [EmbeddingSpan(1, 1, "a", (10,))]

@@ -124,7 +124,8 @@ def load_embedding_file(path: str | os.PathLike[str]) -> torch.Tensor:
 def _vectors(data: object) -> torch.Tensor:
     """The vectors in a loaded file's content, checked."""
     if not isinstance(data, Mapping) or not data:
-        raise ValueError(f"not an embedding: holds {type(data).__name__ if not isinstance(data, Mapping) else 'nothing'}")
+        held = "nothing" if isinstance(data, Mapping) else type(data).__name__
+        raise ValueError(f"not an embedding: holds {held}")
     if _WEBUI_PT_KEY in data:  # the web UI's .pt
         params = data[_WEBUI_PT_KEY]
         if not isinstance(params, Mapping) or len(params) != 1:

@@ -229,7 +229,9 @@ class LongPromptEncoder:
             swaps.enter_context(_token_vectors(self._transformer, vectors))
             return self._transformer(input_ids=ids).last_hidden_state
 
-    def _vectors_at(self, chunk_embeddings: Sequence[Sequence[tuple[int, str]]], device: torch.device) -> VectorsAt | None:
+    def _vectors_at(
+        self, chunk_embeddings: Sequence[Sequence[tuple[int, str]]], device: torch.device
+    ) -> VectorsAt | None:
         """Where the chunks' embeddings go (``Chunks.embeddings`` of each row), or None if nowhere."""
         rows: list[int] = []
         columns: list[int] = []
@@ -352,7 +354,8 @@ def encode_chunk_by_chunk(
         pieces = []
         for ids, weights, found in zip(chunks.ids, chunks.weights, chunks.embeddings):
             with _token_vectors(transformer, encoder._vectors_at([found], device)):
-                states = encoder.text_encoder(torch.tensor([ids], device=device), output_hidden_states=True).hidden_states
+                outputs = encoder.text_encoder(torch.tensor([ids], device=device), output_hidden_states=True)
+            states = outputs.hidden_states
             normed = transformer.final_layer_norm(states[-encoder.clip_skip])
             weighted = normed * torch.tensor(weights, device=device, dtype=normed.dtype)[None, :, None]
             if encoder.emphasis == "ignore":
