@@ -22,6 +22,7 @@ _EXPORTS = {
     "parse": "nai_fast.text.prompts",
     "load_tokenizer": "nai_fast.text.tokenizer",
     "LongPromptEncoder": "nai_fast.text.encoder",
+    "load_embeddings": "nai_fast.text.embeddings",
     # hypernetworks
     "Hypernetwork": "nai_fast.hypernetworks.modules",
     "apply_hypernetworks": "nai_fast.hypernetworks.processors",

@@ -186,6 +186,14 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         "`nai-fast train --preset tiny` has written it",
     )
     command.add_argument(
+        "--embeddings-dir",
+        metavar="DIR",
+        action="append",
+        default=[],
+        help="a folder of textual-inversion embeddings (the web UI's .pt/.safetensors, diffusers' learned_embeds "
+        "files; subfolders included), each used in prompts by its file name without the suffix; repeat for several",
+    )
+    command.add_argument(
         "--prompt", required=True, metavar="TEXT", help="what to draw; long prompts, (emphasis:1.2) and BREAK work"
     )
     command.add_argument(
@@ -287,6 +295,10 @@ def _run_generate(args: argparse.Namespace) -> int:
     _check_exists("--vae", args.vae)
     for path, _ in args.hypernetwork:
         _check_exists("--hypernetwork", path, file=True)
+    for folder in args.embeddings_dir:
+        _check_exists("--embeddings-dir", folder)
+        if not os.path.isdir(folder):
+            raise NotADirectoryError(f"--embeddings-dir {folder}: not a folder")
 
     import torch
 
@@ -294,6 +306,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     from .engine.generate import DEFAULT_TRAIN_OUTPUT, TRAINED_HYPERNETWORK_FILE, save_numbered, txt2img
     from .hypernetworks.modules import Hypernetwork
     from .models.load import load_model
+    from .text.embeddings import load_embeddings
     from .text.encoder import LongPromptEncoder
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -306,6 +319,9 @@ def _run_generate(args: argparse.Namespace) -> int:
             hypernetworks.append((str(trained), 1.0))
         else:
             print(f"hint: {trained} holds a trained hypernetwork; add --hypernetwork {trained} to use it", file=sys.stderr)
+    embeddings = load_embeddings(args.embeddings_dir)  # read (and any bad file refused) before the model loads
+    if args.embeddings_dir:
+        print(f"embeddings ({len(embeddings)}): {', '.join(embeddings) or 'none found'}", file=sys.stderr)
     model = load_model(args.model or args.preset, vae=args.vae)
     model.to(device, None if dtype == model.unet.dtype else dtype)
     if hypernetworks:
@@ -315,7 +331,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     # Like the web UI, every image's seed lies in 0..2**32-1: a drawn seed leaves room for the batch.
     seed = secrets.randbelow(_MAX_SEED + 2 - count) if args.seed is None else args.seed
     print(f"seed: {seed}", file=sys.stderr)
-    encoder = LongPromptEncoder(model.tokenizer, model.text_encoder, clip_skip=args.clip_skip)
+    # Refuses an embedding made for another text encoder (its width), naming the file.
+    encoder = LongPromptEncoder(model.tokenizer, model.text_encoder, clip_skip=args.clip_skip, embeddings=embeddings)
     for batch in range(args.batch_count):
         images = txt2img(
             model,

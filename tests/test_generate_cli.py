@@ -119,3 +119,51 @@ def test_a_wrong_model_path_fails_before_any_model_is_built_and_leaves_no_folder
     )
     environment = os.environ | {"PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=environment, check=True, capture_output=True)
+
+
+# -- textual-inversion embeddings (issue #14) -----------------------------------------------------
+
+
+def test_a_missing_embeddings_dir_is_an_argument_error_before_anything_loads(tmp_path):
+    result = generate("--preset", "tiny", "--embeddings-dir", "nowhere", cwd=tmp_path)
+    assert_refused(result, "nai-fast generate: error: --embeddings-dir nowhere: no such file or folder")
+    (tmp_path / "a-file.pt").write_bytes(b"")
+    result = generate("--preset", "tiny", "--embeddings-dir", "a-file.pt", cwd=tmp_path)
+    assert_refused(result, "nai-fast generate: error: --embeddings-dir a-file.pt: not a folder")
+    assert not (tmp_path / "out").exists()
+    code = (
+        "import sys\nfrom nai_fast.cli import main\n"
+        "try:\n    main(['generate', '--preset', 'tiny', '--embeddings-dir', 'nowhere', '--prompt', 'x'])\n"
+        "except SystemExit as exit:\n    assert exit.code == 2, exit.code\n"
+        "heavy = {'torch', 'diffusers', 'transformers'} & set(sys.modules)\nassert not heavy, heavy\n"
+    )
+    environment = os.environ | {"PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=environment, check=True, capture_output=True)
+
+
+def test_an_embedding_for_another_model_is_refused_naming_its_file(tmp_path):
+    import torch
+
+    (tmp_path / "embeddings").mkdir()
+    torch.save({"string_to_param": {"*": torch.randn(2, 768)}, "name": "sd1-style", "step": 10},
+               tmp_path / "embeddings" / "sd1-style.pt")  # fmt: skip
+    result = generate("--preset", "tiny", "--embeddings-dir", "embeddings", cwd=tmp_path, prompt="sd1-style, a cat")
+    assert_refused(result, "embedding 'sd1-style' (embeddings/sd1-style.pt) has vectors of width 768, but this text "
+                   "encoder's are 64 wide")  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+def test_embeddings_from_several_dirs_are_used_by_name(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    for folder in ("one", "two"):
+        (tmp_path / folder).mkdir()
+    save_file({"emb_params": torch.randn(2, 64)}, tmp_path / "one" / "style.safetensors")
+    save_file({"<token>": torch.randn(64)}, tmp_path / "two" / "learned_embeds.safetensors")
+    result = generate("--preset", "tiny", "--seed", "1", "--embeddings-dir", "one", "--embeddings-dir", "two",
+                      cwd=tmp_path, prompt="(style:1.2), learned_embeds, a cat")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "embeddings (2): style, learned_embeds" in result.stderr
+    (path,) = result.stdout.split()
+    assert (tmp_path / path).is_file()

@@ -2,7 +2,7 @@
 
 :func:`txt2img` ``(model, prompt, *, negative_prompt="", width=None, height=None, steps=28,
 guidance_scale=11.0, seed=0, sampler="euler_a", clip_skip=2, batch_size=1, encoder=None,
-progress=True) -> list[GeneratedImage]`` generates with a
+embeddings=None, progress=True) -> list[GeneratedImage]`` generates with a
 :class:`~nai_fast.models.stable_diffusion.StableDiffusion` where it sits (device and dtype):
 
     prompt + negative -> LongPromptEncoder (both in one call, equal chunk counts)
@@ -241,6 +241,7 @@ def txt2img(
     clip_skip: int = 2,
     batch_size: int = 1,
     encoder: LongPromptEncoder | None = None,
+    embeddings: Mapping[str, torch.Tensor] | None = None,
     progress: bool = True,
 ) -> list[GeneratedImage]:
     """Generate ``batch_size`` images of ``prompt`` (see the module doc).
@@ -248,9 +249,10 @@ def txt2img(
     ``width``, ``height``: pixels, multiples of 64; None: the model's own resolution
     (:func:`default_side`). ``seed``: image ``i``'s is ``seed + i``, each in ``0 .. MAX_SEED``.
     ``encoder``: a :class:`~nai_fast.text.encoder.LongPromptEncoder` of the model's tokenizer and
-    text encoder with the options wanted (max chunks, syntax, emphasis); built with the
-    defaults when None. ``clip_skip`` applies either way. ``progress`` shows a tqdm bar
-    of the steps.
+    text encoder with the options wanted (max chunks, syntax, emphasis, embeddings); built with
+    the defaults when None. ``clip_skip`` applies either way. ``embeddings``: textual-inversion
+    embeddings (:func:`nai_fast.text.embeddings.load_embeddings`) for the encoder built here; pass
+    them to your own encoder instead when you give one. ``progress`` shows a tqdm bar of the steps.
     """
     width = default_side(model) if width is None else width
     height = default_side(model) if height is None else height
@@ -264,7 +266,9 @@ def txt2img(
     if encoder is None:
         from ..text.encoder import LongPromptEncoder
 
-        encoder = LongPromptEncoder(model.tokenizer, model.text_encoder, clip_skip=clip_skip)
+        encoder = LongPromptEncoder(model.tokenizer, model.text_encoder, clip_skip=clip_skip, embeddings=embeddings)
+    elif embeddings:
+        raise ValueError("embeddings go to the encoder passed in: LongPromptEncoder(..., embeddings=...)")
     unet, device, dtype = model.unet, model.unet.device, model.unet.dtype
     guided = guidance_scale != 1  # at exactly 1, uncond + 1 * (cond - uncond) is cond
     generators = seeded_generators(seed, batch_size)

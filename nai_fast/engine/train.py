@@ -442,9 +442,15 @@ class _Run:
         from ..text.encoder import LongPromptEncoder
 
         config, model = self.config, self.model
-        # No emphasis syntax in training: tags such as "smile (expression)" are literal text.
+        # No emphasis syntax in training: tags such as "smile (expression)" are literal text. No comma
+        # backtrack either: captions are trimmed to 75 * max_chunks tokens, which fit only in full chunks.
         self.encoder = LongPromptEncoder(
-            model.tokenizer, model.text_encoder, clip_skip=config.clip_skip, max_chunks=config.max_chunks, syntax="none"
+            model.tokenizer,
+            model.text_encoder,
+            clip_skip=config.clip_skip,
+            max_chunks=config.max_chunks,
+            syntax="none",
+            comma_backtrack=0,
         )
         tokenize = functools.partial(model.tokenizer.encode, add_special_tokens=False, verbose=False)
         policy = CaptionPolicy(

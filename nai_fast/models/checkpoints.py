@@ -47,7 +47,7 @@ from torch import Tensor
 
 from ..files import atomic_write
 from .stable_diffusion import ModelFileError, StableDiffusion, check_prediction_type, model_config
-from .safe_load import error_reason, load_weights_only
+from ..safe_load import error_reason, load_weights_only
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, UNet2DConditionModel

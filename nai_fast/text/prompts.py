@@ -3,7 +3,8 @@
 Pure Python (no torch, no transformers). The pipeline is::
 
     runs = parse(text, syntax="a1111")                  # [(text, weight) | BREAK, ...]
-    prompt = tokenize_runs(runs, tokenize)              # one token stream + weights + BREAKs
+    prompt = tokenize_runs(runs, tokenize, names)       # one token stream + weights + BREAKs
+                                                        # (+ where embeddings' vectors go)
     chunks = make_chunks(prompt, max_chunks=3)          # n chunks of 77 ids: BOS, 75, EOS
     positions = kept_positions(len(chunks), "compact")  # which of the 77*n positions to keep
 
@@ -37,6 +38,22 @@ Syntaxes understood by :func:`parse`:
 
 Every syntax: the empty string gives ``[]``; empty runs are dropped; adjacent runs whose
 weights are equal are merged; ``parse`` never raises on any string.
+
+Textual-inversion embeddings (:class:`EmbeddingName`): :func:`tokenize_runs` replaces a name
+found in a run by as many placeholder positions as the embedding has vectors, each with the
+run's weight (emphasis applies to them as to words). The rule, the web UI's made stricter: a
+name matches where its own token ids (tokenized alone, as the prompt is: CLIP lowercases, so
+case does not matter) occur in a run's tokens and start a word, i.e. the token before them ends
+one (CLIP's ``</w>`` tokens; ``word_ends``) or the run starts there. The web UI requires only
+the token sequence, so it also finds ``cat`` in ``bobcat`` (tokens ``bob``, ``cat</w>``).
+CLIP splits words at letters/digits/punctuation changes, so ``myemb`` is found in
+``myemb,``, ``(myemb:1.2)`` and ``myemb2`` but not in ``xmyemb``. A name never spans two
+runs (``my(emb)`` is not ``myemb``); at one position the longest name wins.
+
+:func:`make_chunks` never splits an embedding: one that does not fit in the current chunk
+closes it (without comma backtrack, as the web UI does) and starts the next. An embedding in
+the tail that comma backtrack carries over moves with it (the web UI leaves its vectors behind,
+in the padding of the closed chunk).
 """
 
 from __future__ import annotations
@@ -45,8 +62,8 @@ import enum
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Final, Literal
 
 __all__ = [
@@ -54,11 +71,15 @@ __all__ = [
     "BOS_ID",
     "BREAK",
     "CHUNK_SIZE",
+    "COMMA_BACKTRACK",
     "COMMA_ID",
+    "EMBEDDING_PLACEHOLDER",
     "EOS_ID",
     "NAI_EMPHASIS",
     "ChunkBreak",
     "Chunks",
+    "EmbeddingName",
+    "EmbeddingSpan",
     "Layout",
     "Run",
     "Syntax",
@@ -75,6 +96,10 @@ EOS_ID: Final = 49407
 COMMA_ID: Final = 267
 # Tokens per chunk between its BOS and EOS: CLIP's 77 positions minus those two.
 CHUNK_SIZE: Final = 75
+# The id at an embedding's positions in the chunks (the web UI's); its vectors replace the lookup.
+EMBEDDING_PLACEHOLDER: Final = 0
+# The web UI's comma_padding_backtrack default, whatever the emphasis mode.
+COMMA_BACKTRACK: Final = 20
 
 A1111_EMPHASIS: Final = 1.1
 NAI_EMPHASIS: Final = 1.05
@@ -215,41 +240,116 @@ def _merge_runs(pieces: Sequence[str | ChunkBreak], weights: Sequence[float]) ->
 # Tokenizing and chunking
 
 
+@dataclass(frozen=True)
+class EmbeddingName:
+    """A textual-inversion embedding as a prompt sees it: the token ids of its ``name`` and the
+    number of ``vectors`` that replace them."""
+
+    name: str
+    ids: tuple[int, ...]
+    vectors: int
+
+    def __post_init__(self) -> None:
+        if not self.ids:
+            raise ValueError(f"embedding {self.name!r}: its name reads as no token")
+        if self.vectors < 1:
+            raise ValueError(f"embedding {self.name!r}: needs at least one vector, got {self.vectors}")
+
+
+@dataclass(frozen=True)
+class EmbeddingSpan:
+    """An embedding's ``length`` positions from ``start`` in a :class:`TokenizedPrompt`;
+    ``source`` holds the name's token ids (what a cut reports)."""
+
+    start: int
+    length: int
+    name: str
+    source: tuple[int, ...] = ()
+
+
 @dataclass
 class TokenizedPrompt:
     """A prompt as one token stream.
 
     ``ids[i]`` carries ``weights[i]``; each entry ``p`` of ``breaks`` is a BREAK just before
     ``ids[p]`` (``p == len(ids)``: at the end). ``breaks`` is sorted and may repeat a position.
+    ``embeddings`` lists, in order, the spans of ``ids`` that are embeddings' vectors
+    (placeholder ids); a BREAK never falls inside one.
     """
 
     ids: list[int]
     weights: list[float]
     breaks: list[int]
+    embeddings: list[EmbeddingSpan] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if len(self.ids) != len(self.weights):
             raise ValueError(f"{len(self.ids)} ids but {len(self.weights)} weights")
         if self.breaks != sorted(self.breaks) or any(not 0 <= p <= len(self.ids) for p in self.breaks):
             raise ValueError(f"breaks must be sorted positions in 0..{len(self.ids)}: {self.breaks}")
+        end = 0
+        for span in self.embeddings:
+            if span.length < 1 or span.start < end or span.start + span.length > len(self.ids):
+                raise ValueError(f"embedding spans must be ordered, apart and in 0..{len(self.ids)}: {span}")
+            if any(span.start < p < span.start + span.length for p in self.breaks):
+                raise ValueError(f"a BREAK falls inside the embedding {span}")
+            end = span.start + span.length
 
 
 def tokenize_runs(
-    runs: Iterable[Run | ChunkBreak], tokenize: Callable[[str], Sequence[int]]
+    runs: Iterable[Run | ChunkBreak],
+    tokenize: Callable[[str], Sequence[int]],
+    embeddings: Iterable[EmbeddingName] = (),
+    *,
+    word_ends: Collection[int] | None = None,
+    placeholder: int = EMBEDDING_PLACEHOLDER,
 ) -> TokenizedPrompt:
-    """Tokenize each run on its own (as the web UI does) and give each token its run's weight."""
+    """Tokenize each run on its own (as the web UI does) and give each token its run's weight.
+
+    Where an embedding's name starts a word (see the module doc), its tokens become
+    ``vectors`` positions of id ``placeholder`` with the run's weight. ``word_ends``: the ids
+    that end a word (CLIP's ``...</w>`` tokens); ``None`` treats every token as a word (the web
+    UI's rule).
+    """
+    by_first: dict[int, list[EmbeddingName]] = {}
+    for embedding in embeddings:
+        by_first.setdefault(embedding.ids[0], []).append(embedding)
+    for candidates in by_first.values():
+        candidates.sort(key=lambda embedding: len(embedding.ids), reverse=True)  # the longest name wins
+
+    def word_ends_at(token: int) -> bool:
+        return word_ends is None or token in word_ends
+
     ids: list[int] = []
     weights: list[float] = []
     breaks: list[int] = []
+    spans: list[EmbeddingSpan] = []
     for run in runs:
         if run is BREAK:
             breaks.append(len(ids))
             continue
         text, weight = run
         run_ids = list(tokenize(text))
-        ids.extend(run_ids)
-        weights.extend([weight] * len(run_ids))
-    return TokenizedPrompt(ids, weights, breaks)
+        position = 0
+        while position < len(run_ids):
+            token = run_ids[position]
+            found = None
+            if position == 0 or word_ends_at(run_ids[position - 1]):
+                for candidate in by_first.get(token, ()):
+                    end = position + len(candidate.ids)
+                    if tuple(run_ids[position:end]) == candidate.ids and word_ends_at(candidate.ids[-1]):
+                        found = candidate
+                        break
+            if found is None:
+                ids.append(token)
+                weights.append(weight)
+                position += 1
+            else:
+                spans.append(EmbeddingSpan(len(ids), found.vectors, found.name, found.ids))
+                ids.extend([placeholder] * found.vectors)
+                weights.extend([weight] * found.vectors)
+                position += len(found.ids)
+    return TokenizedPrompt(ids, weights, breaks, spans)
 
 
 @dataclass
@@ -258,12 +358,21 @@ class Chunks:
 
     ``weights`` match ``ids`` position for position, 1.0 on BOS, EOS and padding.
     ``dropped`` holds the token ids cut off by ``max_chunks``, in prompt order (decode them
-    to tell the user what was lost).
+    to tell the user what was lost; an embedding cut off is reported by its name's tokens).
+    ``embeddings`` holds, per chunk, ``(position, name)`` for each embedding whose vectors
+    start at that position of the chunk's ``ids`` (BOS is position 0).
     """
 
     ids: list[list[int]]
     weights: list[list[float]]
     dropped: list[int]
+    embeddings: list[list[tuple[int, str]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.embeddings:
+            self.embeddings = [[] for _ in self.ids]
+        if len(self.embeddings) != len(self.ids):
+            raise ValueError(f"{len(self.ids)} chunks but embeddings for {len(self.embeddings)}")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -278,6 +387,7 @@ class Chunks:
             ids=self.ids + [list(empty_ids) for _ in range(missing)],
             weights=self.weights + [list(empty_weights) for _ in range(missing)],
             dropped=self.dropped,
+            embeddings=self.embeddings + [[] for _ in range(missing)],
         )
 
 
@@ -286,7 +396,7 @@ def make_chunks(
     *,
     chunk_size: int = CHUNK_SIZE,
     max_chunks: int | None = 3,
-    comma_backtrack: int = 20,
+    comma_backtrack: int = COMMA_BACKTRACK,
     comma_token: int = COMMA_ID,
     bos: int = BOS_ID,
     eos: int = EOS_ID,
@@ -294,11 +404,15 @@ def make_chunks(
     """Cut a token stream into chunks the way the web UI does.
 
     Tokens fill chunks of ``chunk_size``; a BREAK closes the current chunk early (even an
-    empty one). When a token arrives for a full chunk whose last comma sits within
-    ``comma_backtrack`` tokens of its end, the tokens after that comma move to the next chunk
-    so a tag is not split (``0`` disables). Chunks past ``max_chunks`` (``None``: no limit)
-    are dropped and their tokens reported in ``Chunks.dropped``. An empty prompt gives one
-    empty chunk.
+    empty one). Comma backtrack: when a token arrives for a full chunk whose last comma sits
+    within ``comma_backtrack`` tokens of its end, the tokens after that comma move to the
+    next chunk so a tag is not split. The default, 20, is the web UI's
+    (``comma_padding_backtrack``), which it applies whatever the emphasis mode, "None"
+    included; ``0`` disables it (chunks cut at exactly ``chunk_size`` tokens). An embedding's
+    vectors are never split: when they do not fit, the chunk closes and they start the next
+    (an embedding longer than ``chunk_size`` is a ValueError). Chunks past ``max_chunks``
+    (``None``: no limit) are dropped and their tokens reported in ``Chunks.dropped``. An empty
+    prompt gives one empty chunk.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
@@ -307,49 +421,86 @@ def make_chunks(
     if comma_backtrack < 0:
         raise ValueError(f"comma_backtrack must be non-negative, got {comma_backtrack}")
 
+    for span in prompt.embeddings:
+        if span.length > chunk_size:
+            raise ValueError(
+                f"embedding {span.name!r} has {span.length} vectors; at most {chunk_size} fit in a chunk"
+            )
     pieces = _split_tokens(prompt, chunk_size, comma_backtrack, comma_token)
     kept = pieces if max_chunks is None else pieces[:max_chunks]
     return Chunks(
-        ids=[[bos, *ids, *[eos] * (chunk_size - len(ids)), eos] for ids, _ in kept],
-        weights=[[1.0, *weights, *[1.0] * (chunk_size - len(weights)), 1.0] for _, weights in kept],
-        dropped=[token for ids, _ in pieces[len(kept) :] for token in ids],
+        ids=[[bos, *ids, *[eos] * (chunk_size - len(ids)), eos] for ids, _, _ in kept],
+        weights=[[1.0, *weights, *[1.0] * (chunk_size - len(weights)), 1.0] for _, weights, _ in kept],
+        dropped=[token for ids, _, spans in pieces[len(kept) :] for token in _with_names(ids, spans)],
+        embeddings=[[(1 + offset, span.name) for offset, span in spans] for _, _, spans in kept],
     )
 
 
-def _split_tokens(
-    prompt: TokenizedPrompt, chunk_size: int, comma_backtrack: int, comma_token: int
-) -> list[tuple[list[int], list[float]]]:
-    """The chunks' tokens and weights, unpadded (the web UI's ``tokenize_line`` loop)."""
-    chunks: list[tuple[list[int], list[float]]] = []
+def _with_names(ids: list[int], spans: list[tuple[int, EmbeddingSpan]]) -> list[int]:
+    """A chunk's ids with each embedding's placeholders replaced by its name's tokens."""
+    out: list[int] = []
+    position = 0
+    for offset, span in spans:
+        out += ids[position:offset]
+        out += span.source
+        position = offset + span.length
+    return out + ids[position:]
+
+
+_Piece = tuple[list[int], list[float], list[tuple[int, EmbeddingSpan]]]
+
+
+def _split_tokens(prompt: TokenizedPrompt, chunk_size: int, comma_backtrack: int, comma_token: int) -> list[_Piece]:
+    """The chunks' tokens, weights and embeddings (offset in the tokens, span), unpadded
+    (the web UI's ``tokenize_line`` loop)."""
+    chunks: list[_Piece] = []
     ids: list[int] = []
     weights: list[float] = []
+    spans: list[tuple[int, EmbeddingSpan]] = []
     last_comma = -1  # index in `ids` of the current chunk's last comma, -1 for none
 
     def close_chunk() -> None:
         nonlocal last_comma
-        chunks.append((ids.copy(), weights.copy()))
+        chunks.append((ids.copy(), weights.copy(), spans.copy()))
         ids.clear()
         weights.clear()
+        spans.clear()
         last_comma = -1
 
     breaks_at = Counter(prompt.breaks)
-    for position, (token, weight) in enumerate(zip(prompt.ids, prompt.weights)):
+    span_at = {span.start: span for span in prompt.embeddings}
+    position = 0
+    while position < len(prompt.ids):
         for _ in range(breaks_at[position]):
             close_chunk()
-        if token == comma_token:
+        token, span = prompt.ids[position], span_at.get(position)
+        if span is None and token == comma_token:
             last_comma = len(ids)
         elif len(ids) == chunk_size and 0 <= last_comma and chunk_size - last_comma <= comma_backtrack:
-            # Full chunk with a comma near its end: carry the words after it over.
+            # Full chunk with a comma near its end: carry the words (and embeddings) after it over.
             cut = last_comma + 1
             moved_ids, moved_weights = ids[cut:], weights[cut:]
+            moved_spans = [(offset - cut, moved) for offset, moved in spans if offset >= cut]
             del ids[cut:], weights[cut:]
+            spans[:] = [(offset, kept) for offset, kept in spans if offset < cut]
             close_chunk()
             ids.extend(moved_ids)
             weights.extend(moved_weights)
+            spans.extend(moved_spans)
         if len(ids) == chunk_size:
             close_chunk()
-        ids.append(token)
-        weights.append(weight)
+        if span is None:
+            ids.append(token)
+            weights.append(prompt.weights[position])
+            position += 1
+            continue
+        if len(ids) + span.length > chunk_size:  # never split an embedding: it starts the next chunk
+            close_chunk()
+        end = position + span.length
+        spans.append((len(ids), span))
+        ids.extend(prompt.ids[position:end])
+        weights.extend(prompt.weights[position:end])
+        position = end
 
     for _ in range(breaks_at[len(prompt.ids)]):
         close_chunk()
