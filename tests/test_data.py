@@ -135,6 +135,12 @@ def _distributed_worker(rank, world_size, init_file, sizes, out_dir):
         # Each rank is given a different seed: rank 0's must win, or shards would overlap.
         sampler = BucketBatchSampler.from_process_group(ids, BUCKETS, 3, seed=100 + rank, sizes=sizes)
         batches = [request.items for request in sampler]
+        try:  # leaving the ranks out would give every rank the whole epoch: refused
+            BucketBatchSampler(ids, BUCKETS, 3, seed=1, sizes=sizes)
+        except ValueError as error:
+            assert "runs 2 ranks" in str(error), error
+        else:
+            raise AssertionError("a sampler without world_size under 2 ranks was accepted")
         np.save(os.path.join(out_dir, f"rank{rank}.npy"), np.stack(batches))
     finally:
         dist.destroy_process_group()

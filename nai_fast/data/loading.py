@@ -58,6 +58,12 @@ def shared_seed(seed: int | None = None) -> int:
     return value
 
 
+def _process_group_size() -> int:
+    """Ranks of torch.distributed's process group; 1 where none is initialized."""
+    initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_world_size() if initialized else 1
+
+
 class BucketBatchSampler(Sampler[BatchRequest]):
     """Yields this rank's :class:`BatchRequest` s, epoch by epoch.
 
@@ -68,8 +74,10 @@ class BucketBatchSampler(Sampler[BatchRequest]):
 
     Args mirror :class:`~nai_fast.data.buckets.EpochPlan`: one process by default;
     for several, pass this process's ``rank``, the ``world_size`` and a ``seed``
-    all ranks share (or use :meth:`from_process_group`). ``seed=None`` draws one,
-    which only a single process may do.
+    all ranks share (or use :meth:`from_process_group`). Leaving ``world_size``
+    out inside a process group of several ranks is an error, not one process's
+    whole epoch on every rank. ``seed=None`` draws one, which only a single
+    process may do.
     """
 
     def __init__(
@@ -79,11 +87,19 @@ class BucketBatchSampler(Sampler[BatchRequest]):
         batch_size: int,
         *,
         seed: int | None = None,
-        world_size: int = 1,
+        world_size: int | None = None,
         rank: int = 0,
         sizes: np.ndarray | None = None,
         item_ids: np.ndarray | None = None,
     ) -> None:
+        if world_size is None:
+            running = _process_group_size()
+            if running > 1:  # each rank would take the whole epoch: say so rather than train on copies
+                raise ValueError(
+                    f"torch.distributed runs {running} ranks: pass this process's rank and world_size, or use "
+                    "BucketBatchSampler.from_process_group"
+                )
+            world_size = 1
         if seed is None and world_size > 1:
             raise ValueError(
                 "several ranks need one seed: pass the same seed on every rank, or use "
@@ -101,9 +117,9 @@ class BucketBatchSampler(Sampler[BatchRequest]):
         """A sampler for this process of torch.distributed's (initialized) process group: its rank
         and world size, and rank 0's ``seed`` (see :func:`shared_seed`); one process when there is
         no process group. ``kwargs``: as the constructor's."""
-        world_size, rank = 1, 0
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world_size, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        world_size, rank = _process_group_size(), 0
+        if world_size > 1:
+            rank = torch.distributed.get_rank()
         return cls(
             bucket_ids, buckets, batch_size, seed=shared_seed(seed), world_size=world_size, rank=rank, **kwargs
         )
