@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -292,11 +293,11 @@ def _kohya_layers(state: dict[str, Tensor], name: str) -> Iterator[LoraLayer]:
         module, _, part = key.partition(".")
         groups.setdefault(module, {})[part] = tensor
     for module_key, parts in groups.items():
-        unknown = set(parts) - {"lora_down.weight", "lora_up.weight", "alpha"}
-        if unknown or "lora_down.weight" not in parts or "lora_up.weight" not in parts:
-            detail = f"unexpected {_shown(sorted(unknown))}" if unknown else "lora_down.weight and lora_up.weight"
-            raise LoraError(f"LoRA {name!r}: {module_key!r} needs {detail}" if not unknown else
-                            f"LoRA {name!r}: {module_key!r} has {detail}")  # fmt: skip
+        unknown = sorted(set(parts) - {"lora_down.weight", "lora_up.weight", "alpha"})
+        if unknown:
+            raise LoraError(f"LoRA {name!r}: {module_key!r} has unexpected parts {_shown(unknown)}")
+        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+            raise LoraError(f"LoRA {name!r}: {module_key!r} needs both lora_down.weight and lora_up.weight")
         component = next((c for prefix, c in _KOHYA_PREFIXES.items() if module_key.startswith(prefix)), None)
         if component is None:
             raise LoraError(f"LoRA {name!r}: unknown key prefix in {module_key!r} (expected lora_unet_ or lora_te_)")
@@ -511,7 +512,7 @@ def _strengths(strengths: float | Sequence[float] | None, count: int) -> tuple[f
         values = tuple(float(value) for value in strengths)
         if len(values) != count:
             raise ValueError(f"{len(values)} strengths given for {count} LoRAs")
-    if not all(torch.isfinite(torch.tensor(value)) for value in values):
+    if not all(math.isfinite(value) for value in values):
         raise ValueError(f"strengths must be finite, got {list(values)}")
     return values
 
