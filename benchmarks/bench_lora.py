@@ -15,7 +15,7 @@ modules, 93.5M weights):
 
 Smoke mode: a tiny U-Net, one round each.
 
-    pytest benchmarks/bench_lora.py                        # full, a few minutes
+    pytest benchmarks/bench_lora.py                        # full: 14 min on 2 cores shared at load 9
     pytest benchmarks/bench_lora.py --benchmark-disable    # smoke
 """
 
