@@ -30,6 +30,11 @@ _EXPORTS = {
     # models
     "load_model": "nai_fast.models.load",
     "save_single_file": "nai_fast.models.checkpoints",
+    "Lora": "nai_fast.models.lora",
+    "load_lora": "nai_fast.models.lora",
+    "apply_loras": "nai_fast.models.lora",
+    "remove_loras": "nai_fast.models.lora",
+    "loras_applied": "nai_fast.models.lora",
     # engine
     "txt2img": "nai_fast.engine.generate",
     "GenerationParameters": "nai_fast.engine.generate",

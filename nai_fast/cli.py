@@ -165,7 +165,7 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         "generate",
         help="generate images from a prompt (txt2img)",
         description="Generate images from a prompt with classifier-free guidance, NovelAI's way (penultimate "
-        "CLIP layer, long weighted prompts, hypernetworks), and write them as PNGs named INDEX-SEED.png "
+        "CLIP layer, long weighted prompts, hypernetworks, LoRAs), and write them as PNGs named INDEX-SEED.png "
         "carrying their generation parameters (the web UI's 'parameters' text). Image i of a run uses seed "
         "SEED+i, so any image can be made again alone. Arguments and files are checked before any model loads.",
     )
@@ -192,6 +192,15 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         default=[],
         help="a folder of textual-inversion embeddings (the web UI's .pt/.safetensors, diffusers' learned_embeds "
         "files; subfolders included), each used in prompts by its file name without the suffix; repeat for several",
+    )
+    command.add_argument(
+        "--lora",
+        metavar="FILE[:STRENGTH]",
+        action="append",
+        default=[],
+        type=_hypernetwork_argument,  # the same FILE[:STRENGTH] rule
+        help="a LoRA (kohya/web UI, diffusers or PEFT layout; .safetensors or .pt) and its strength (default 1), "
+        "merged into the weights; repeat to apply several (they add up)",
     )
     command.add_argument(
         "--prompt", required=True, metavar="TEXT", help="what to draw; long prompts, (emphasis:1.2) and BREAK work"
@@ -299,6 +308,8 @@ def _run_generate(args: argparse.Namespace) -> int:
         _check_exists("--embeddings-dir", folder)
         if not os.path.isdir(folder):
             raise NotADirectoryError(f"--embeddings-dir {folder}: not a folder")
+    for path, _ in args.lora:
+        _check_exists("--lora", path, file=True)
 
     import torch
 
@@ -328,6 +339,11 @@ def _run_generate(args: argparse.Namespace) -> int:
         networks = [Hypernetwork.load(path).to(device) for path, _ in hypernetworks]
         # Refuses a hypernetwork made for another model (it would change nothing).
         apply_hypernetworks(model.unet, networks, [strength for _, strength in hypernetworks])
+    if args.lora:
+        from .models.lora import apply_loras, load_lora
+
+        # Merged into working copies of the weights, after the move: refuses a LoRA for another model.
+        apply_loras(model, [load_lora(path) for path, _ in args.lora], [strength for _, strength in args.lora])
     # Like the web UI, every image's seed lies in 0..2**32-1: a drawn seed leaves room for the batch.
     seed = secrets.randbelow(_MAX_SEED + 2 - count) if args.seed is None else args.seed
     print(f"seed: {seed}", file=sys.stderr)

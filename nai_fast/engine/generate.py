@@ -14,6 +14,8 @@ embeddings=None, progress=True) -> list[GeneratedImage]`` generates with a
 - **Hypernetworks**: whatever processors are installed on ``model.unet``
   (:func:`nai_fast.hypernetworks.processors.apply_hypernetworks`) run; their names and strengths are
   recorded in the parameters.
+- **LoRAs**: whatever :func:`nai_fast.models.lora.apply_loras` merged into the model's weights is what
+  runs; their names, strengths and short hashes are recorded in the parameters.
 - **Seeds**: image ``i`` of a call uses seed ``seed + i`` (as the web UI does), with
   its own CPU ``torch.Generator``: it draws the image's starting latents (float32, on
   the CPU, so CPU and GPU start from the same noise) and then the ancestral sampler's
@@ -68,6 +70,7 @@ import torch
 from torch import nn
 
 from ..hypernetworks.processors import installed_hypernetworks
+from ..models.lora import installed_loras
 from .config import DEFAULT_TRAIN_OUTPUT, TRAINED_HYPERNETWORK_FILE
 
 if TYPE_CHECKING:
@@ -273,6 +276,7 @@ def txt2img(
     guided = guidance_scale != 1  # at exactly 1, uncond + 1 * (cond - uncond) is cond
     generators = seeded_generators(seed, batch_size)
     hypernetworks = installed_hypernetworks(unet)
+    loras = installed_loras(model)
     networks = (model.unet, model.vae, model.text_encoder, *(net for net, _ in hypernetworks))
 
     with torch.inference_mode(), _eval_mode(*networks):
@@ -307,6 +311,8 @@ def txt2img(
         model=_model_name(model.source),
         clip_skip=clip_skip,
         hypernetworks=tuple((net.name or "hypernetwork", strength) for net, strength in hypernetworks),
+        loras=tuple((lora.name, strength) for lora, strength in loras),
+        lora_hashes=tuple((lora.name, lora.hash) for lora, _ in loras if lora.hash),
     )
     return [
         GeneratedImage(image, GenerationParameters(seed=seed + index, **common)) for index, image in enumerate(images)
@@ -348,7 +354,10 @@ class GenerationParameters:
     """What made an image, and the web UI's text for it (:meth:`to_text`, :meth:`from_text`).
 
     ``sampler`` is a :data:`SAMPLERS` name (a label from another tool is kept as it is).
-    ``hypernetworks``: ``(name, strength)`` pairs, in the order they apply. ``extra``:
+    ``hypernetworks``: ``(name, strength)`` pairs, in the order they apply. ``loras``:
+    ``(name, strength)`` pairs, written as ``Lora weights: "name: 0.8, other: 1"`` (ours: the web UI
+    puts ``<lora:name:0.8>`` in the prompt instead); ``lora_hashes``: ``(name, short hash)``, the web
+    UI's ``Lora hashes: "name: 0123456789ab"``. ``extra``:
     ``(key, value)`` fields of a parsed text this class has no attribute for, written back
     after the others.
     """
@@ -365,6 +374,8 @@ class GenerationParameters:
     model_hash: str | None = None
     clip_skip: int = 2
     hypernetworks: tuple[tuple[str, float], ...] = ()
+    loras: tuple[tuple[str, float], ...] = ()
+    lora_hashes: tuple[tuple[str, str], ...] = ()
     extra: tuple[tuple[str, str], ...] = ()
 
     def to_text(self) -> str:
@@ -382,6 +393,8 @@ class GenerationParameters:
             fields[key] = name
             fields[f"{key} strength"] = None if strength == 1 else _number(strength)  # the web UI omits 1
         fields["Clip skip"] = None if self.clip_skip == 1 else self.clip_skip  # so does it the last layer
+        fields["Lora hashes"] = ", ".join(f"{name}: {digest}" for name, digest in self.lora_hashes) or None
+        fields["Lora weights"] = ", ".join(f"{name}: {_number(strength)}" for name, strength in self.loras) or None
         fields.update(self.extra)
         line = ", ".join(f"{key}: {_quoted(str(value))}" for key, value in fields.items() if value is not None)
         negative = f"\nNegative prompt: {self.negative_prompt}" if self.negative_prompt else ""
@@ -420,6 +433,8 @@ class GenerationParameters:
             model=fields.pop("Model", None),
             clip_skip=int(fields.pop("Clip skip", 1)),
             hypernetworks=tuple(hypernetworks),
+            loras=tuple((name, float(value)) for name, value in _named_values(fields.pop("Lora weights", ""))),
+            lora_hashes=tuple(_named_values(fields.pop("Lora hashes", ""))),
             extra=tuple(fields.items()),
         )
 
@@ -434,6 +449,12 @@ def _parse_fields(line: str) -> dict[str, str]:
     for key, value in _FIELD.findall(line):
         fields[key] = json.loads(value) if value.startswith('"') else value.strip()
     return fields
+
+
+def _named_values(text: str) -> list[tuple[str, str]]:
+    """``"a: 1, b: 2"`` -> ``[("a", "1"), ("b", "2")]`` (a field such as ``Lora hashes``)."""
+    pairs = (item.rpartition(": ") for item in text.split(", ") if item)
+    return [(name, value) for name, _, value in pairs]
 
 
 def _quoted(value: str) -> str:
