@@ -39,7 +39,6 @@ raise :class:`HypernetworkFileError` naming the file and the problem.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -53,6 +52,7 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+from ..kernels.activations import ACTIVATIONS, NO_ACTIVATION
 from ..models.safe_load import load_weights_only
 
 __all__ = [
@@ -66,25 +66,6 @@ __all__ = [
     "dropout_structure_from_flags",
 ]
 
-# The web UI's activation names: its own few, then every torch activation by lower-case
-# class name. "swish" is Hardswish there (not SiLU, which is "silu"); files rely on that.
-ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU,
-    "leakyrelu": nn.LeakyReLU,
-    "elu": nn.ELU,
-    "swish": nn.Hardswish,
-    "tanh": nn.Tanh,
-    "sigmoid": nn.Sigmoid,
-}
-# The web UI lists these too, but no network can use them: MultiheadAttention and Threshold
-# need constructor arguments, and GLU halves the width the next Linear expects.
-_UNUSABLE_ACTIVATIONS = {"glu", "multiheadattention", "threshold"}
-ACTIVATIONS.update(
-    (name.lower(), cls)
-    for name, cls in inspect.getmembers(nn.modules.activation, inspect.isclass)
-    if cls.__module__ == nn.modules.activation.__name__ and name.lower() not in _UNUSABLE_ACTIVATIONS
-)
-_NO_ACTIVATION = "linear"
 
 _WeightInit = Callable[[Tensor, str], object]
 WEIGHT_INITS: dict[str, _WeightInit] = {
@@ -156,7 +137,7 @@ class Architecture:
     """
 
     layer_structure: tuple[float, ...] = DEFAULT_LAYER_STRUCTURE
-    activation: str = _NO_ACTIVATION
+    activation: str = NO_ACTIVATION
     layer_norm: bool = False
     dropout_structure: tuple[float, ...] = (0.0,) * len(DEFAULT_LAYER_STRUCTURE)
     activate_output: bool = False
@@ -167,9 +148,9 @@ class Architecture:
             raise ValueError(f"layer_structure must be at least two positive numbers, got {list(structure)}")
         if structure[0] != 1 or structure[-1] != 1:
             raise ValueError(f"layer_structure must start and end with 1, got {list(structure)}")
-        if self.activation != _NO_ACTIVATION and self.activation not in ACTIVATIONS:
+        if self.activation != NO_ACTIVATION and self.activation not in ACTIVATIONS:
             raise ValueError(
-                f"unknown activation {self.activation!r}; expected {_NO_ACTIVATION!r} or one of {sorted(ACTIVATIONS)}"
+                f"unknown activation {self.activation!r}; expected {NO_ACTIVATION!r} or one of {sorted(ACTIVATIONS)}"
             )
         if not isinstance(self.layer_norm, bool) or not isinstance(self.activate_output, bool):
             raise ValueError("layer_norm and activate_output must be booleans")
@@ -189,7 +170,7 @@ class Architecture:
         layers: list[nn.Module] = []
         for i, (in_features, out_features) in enumerate(zip(features, features[1:])):
             layers.append(nn.Linear(in_features, out_features))
-            if self.activation != _NO_ACTIVATION and (i < last or self.activate_output):
+            if self.activation != NO_ACTIVATION and (i < last or self.activate_output):
                 layers.append(ACTIVATIONS[self.activation]())
             if self.layer_norm:
                 layers.append(nn.LayerNorm(out_features))
@@ -295,7 +276,7 @@ class Hypernetwork(nn.Module):
         self,
         widths: Sequence[int] = DEFAULT_WIDTHS,
         layer_structure: Sequence[float] = DEFAULT_LAYER_STRUCTURE,
-        activation: str | None = _NO_ACTIVATION,
+        activation: str | None = NO_ACTIVATION,
         layer_norm: bool = False,
         dropout_structure: Sequence[float] | None = None,
         weight_init: str = "Normal",
@@ -306,7 +287,7 @@ class Hypernetwork(nn.Module):
             raise ValueError(f"widths must be one or more positive integers, got {list(widths)}")
         self.architecture = Architecture(
             layer_structure=tuple(layer_structure),
-            activation=_NO_ACTIVATION if activation is None else activation,
+            activation=NO_ACTIVATION if activation is None else activation,
             layer_norm=layer_norm,
             dropout_structure=(0.0,) * len(layer_structure) if dropout_structure is None else tuple(dropout_structure),
             activate_output=activate_output,
@@ -476,7 +457,7 @@ def _architecture_arguments(metadata: Mapping[str, object]) -> dict[str, object]
         )
     return {
         "layer_structure": layer_structure,
-        "activation": _typed(metadata, "activation_func", str, _NO_ACTIVATION),
+        "activation": _typed(metadata, "activation_func", str, NO_ACTIVATION),
         "layer_norm": _typed(metadata, "is_layer_norm", bool, False),
         "dropout_structure": dropout_structure,
         "activate_output": _typed(metadata, "activate_output", bool, True),
