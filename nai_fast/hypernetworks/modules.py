@@ -45,6 +45,8 @@ __all__ = [
     "Hypernetwork",
     "HypernetworkFileError",
     "HypernetworkModule",
+    "compose_affine",
+    "fold_into",
 ]
 
 
@@ -193,6 +195,39 @@ class HypernetworkModule(nn.Module):
             weight = linear.weight.to(dtype)
             matrix, bias = weight @ matrix, weight @ bias + linear.bias.to(dtype)
         return AffineMap(matrix, bias)
+
+
+# Folding: affine modules composed, then folded into a projection
+
+
+def compose_affine(steps: Sequence[tuple[HypernetworkModule, float]], dtype: torch.dtype) -> AffineMap:
+    """``(D, c)`` with ``h_n(...h_1(x)) = x + x @ D.T + c``, for affine modules applied in
+    order, each ``h(x) = x + s net(x)`` with its strength ``s``; computed in ``dtype``.
+
+    Applying ``h(x) = x + s (x A^T + b)`` after ``x + x D^T + c`` gives
+    ``D <- D + s A (I + D)`` and ``c <- c + s (A c + b)``.
+    """
+    width = steps[0][0].width
+    delta = torch.zeros(width, width, dtype=dtype, device=steps[0][0].net[0].weight.device)
+    shift = delta.new_zeros(width)
+    for module, strength in steps:
+        matrix, bias = module.affine_map(dtype)
+        delta = delta + strength * (matrix + matrix @ delta)
+        shift = shift + strength * (matrix @ shift + bias)
+    return AffineMap(delta, shift)
+
+
+def fold_into(linear: nn.Linear, composed: AffineMap) -> tuple[Tensor, Tensor]:
+    """Weight and bias of ``x -> linear(x + x @ D.T + c)``, in ``linear``'s dtype."""
+    weight = linear.weight
+    dtype = torch.promote_types(weight.dtype, composed.matrix.dtype)
+    projection = weight.to(dtype)
+    # W + W D rather than W (I + D): the small term is rounded on its own scale.
+    folded_weight = projection + projection @ composed.matrix.to(dtype)
+    folded_bias = projection @ composed.bias.to(dtype)
+    if linear.bias is not None:
+        folded_bias = folded_bias + linear.bias.to(dtype)
+    return folded_weight.to(weight.dtype), folded_bias.to(weight.dtype)
 
 
 class Hypernetwork(nn.Module):

@@ -117,7 +117,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import kernels
-from .modules import AffineMap, Hypernetwork, HypernetworkModule
+from .modules import AffineMap, Hypernetwork, HypernetworkModule, compose_affine, fold_into
 from ..kernels import MLP, kernel_mode, kernels_requested
 from ..kernels.hyper_kv import structure_not_supported_reasons
 from ..kernels.policy import cross_attention_pays, gpu_class, hyper_kv_pays
@@ -409,38 +409,6 @@ def _tensors_read(pairs: Sequence[_Pair], attn: Attention | None) -> list[Tensor
     return tensors
 
 
-def _compose_affine(pairs: Sequence[_Pair], dtype: torch.dtype) -> tuple[AffineMap, AffineMap]:
-    """For k and v, ``(D, c)`` with ``h_n(...h_1(x)) = x + x @ D.T + c``, all modules affine.
-
-    Applying ``h(x) = x + s (x A^T + b)`` after ``x + x D^T + c`` gives
-    ``D <- D + s A (I + D)`` and ``c <- c + s (A c + b)``.
-    """
-    composed = []
-    for role in ("k", "v"):
-        width = getattr(pairs[0], role).width
-        delta = torch.zeros(width, width, dtype=dtype, device=pairs[0].k.net[0].weight.device)
-        shift = delta.new_zeros(width)
-        for pair in pairs:
-            matrix, bias = getattr(pair, role).affine_map(dtype)
-            delta = delta + pair.strength * (matrix + matrix @ delta)
-            shift = shift + pair.strength * (matrix @ shift + bias)
-        composed.append(AffineMap(delta, shift))
-    return composed[0], composed[1]
-
-
-def _fold(linear: nn.Linear, composed: AffineMap) -> tuple[Tensor, Tensor]:
-    """Weight and bias of ``x -> linear(x + x @ D.T + c)``, in ``linear``'s dtype."""
-    weight = linear.weight
-    dtype = torch.promote_types(weight.dtype, composed.matrix.dtype)
-    projection = weight.to(dtype)
-    # W + W D rather than W (I + D): the small term is rounded on its own scale.
-    folded_weight = projection + projection @ composed.matrix.to(dtype)
-    folded_bias = projection @ composed.bias.to(dtype)
-    if linear.bias is not None:
-        folded_bias = folded_bias + linear.bias.to(dtype)
-    return folded_weight.to(weight.dtype), folded_bias.to(weight.dtype)
-
-
 def _is_bare_linear(module: nn.Module) -> bool:
     """A plain ``nn.Linear`` whose call computes only ``F.linear(x, weight, bias)``."""
     return (
@@ -611,7 +579,8 @@ class _Installed:
         cached = self._composed.get(width)
         if cached is None or not cached[0].matches(pairs):
             dtype = torch.promote_types(pairs[0].k.net[0].weight.dtype, torch.float32)
-            cached = self._composed[width] = (_Recipe.of(pairs), _compose_affine(pairs, dtype))
+            maps = tuple(compose_affine([(getattr(pair, role), pair.strength) for pair in pairs], dtype) for role in "kv")
+            cached = self._composed[width] = (_Recipe.of(pairs), maps)
         return cached[1]
 
 
@@ -785,5 +754,5 @@ class HypernetworkAttnProcessor:
         whenever the pairs or the projections change."""
         if self._folded is None or not self._folded[0].matches(pairs, attn):
             k_map, v_map = self._installed.composed(width, pairs)
-            self._folded = (_Recipe.of(pairs, attn), _fold(attn.to_k, k_map), _fold(attn.to_v, v_map))
+            self._folded = (_Recipe.of(pairs, attn), fold_into(attn.to_k, k_map), fold_into(attn.to_v, v_map))
         return self._folded[1], self._folded[2]
