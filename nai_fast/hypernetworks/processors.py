@@ -100,23 +100,21 @@ width 320, the shallowest blocks of SD 1.x, is penalised
 from __future__ import annotations
 
 import inspect
-import itertools
 import logging
 import math
-import weakref
-from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from numbers import Real
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import kernels
+from .cache import ContextEntry, ContextTracker, KeyValueCache, Pair, Recipe
 from .modules import AffineMap, Hypernetwork, HypernetworkModule, compose_affine, fold_into
 from ..kernels import MLP, kernel_mode, kernels_requested
 from ..kernels.hyper_kv import structure_not_supported_reasons
@@ -143,9 +141,6 @@ DEFAULT_PENALTY_WEIGHTS: Mapping[int, float] = MappingProxyType({320: 1.0})
 Strengths = float | Sequence[float]
 
 _INSTALLED = "_nai_fast_hypernetworks"  # the U-Net attribute holding what apply_hypernetworks installed
-# Contexts recognised across forwards, and K/V pairs each cross-attention layer keeps: 2 covers
-# samplers that run the negative and positive prompts as separate batches.
-_CONTEXTS_REMEMBERED = 2
 # Prompts of 1 to 4 chunks: the key sets the fused cross_attention op is built for (its K and
 # V stay on chip); longer contexts go to PyTorch's SDPA.
 FUSED_ATTENTION_MAX_KEYS = 4 * 77
@@ -287,128 +282,6 @@ def _parse_strengths(strengths: Strengths, count: int) -> tuple[float, ...]:
     return values
 
 
-# Recognising tensors
-
-
-def _version(tensor: Tensor) -> int | None:
-    """Autograd's count of in-place changes; None for inference tensors, which keep none."""
-    return None if tensor.is_inference() else tensor._version
-
-
-class _Identity(NamedTuple):
-    """A tensor as it was when seen: only the same object, not moved or modified in place since,
-    matches (a weak reference, so a freed tensor whose id and memory are reused never does)."""
-
-    ref: weakref.ReferenceType[Tensor]
-    data_ptr: int
-    version: int | None
-    shape: torch.Size
-    dtype: torch.dtype
-    device: torch.device
-
-    @classmethod
-    def of(cls, tensor: Tensor) -> _Identity:
-        return cls(weakref.ref(tensor), tensor.data_ptr(), _version(tensor), tensor.shape, tensor.dtype, tensor.device)
-
-    def matches(self, tensor: Tensor) -> bool:
-        return (
-            self.ref() is tensor
-            and self.data_ptr == tensor.data_ptr()
-            and self.version == _version(tensor)
-            and (self.shape, self.dtype, self.device) == (tensor.shape, tensor.dtype, tensor.device)
-        )
-
-
-@dataclass
-class _ContextEntry:
-    """What one forward knows about one context: a token shared by every context with the same
-    values (at inference), and the module outputs computed from it, with how they were computed."""
-
-    token: int
-    module_outputs: list[tuple[_Recipe, bool, tuple[Tensor, Tensor]]] = field(default_factory=list)
-
-
-class _RememberedContext(NamedTuple):
-    identity: _Identity
-    values: Tensor  # a private copy: the caller may change or free the original
-    token: int
-
-    def has_values_of(self, tensor: Tensor) -> bool:
-        values = self.values
-        return (values.shape, values.dtype, values.device) == (tensor.shape, tensor.dtype, tensor.device) and bool(
-            torch.equal(values, tensor)
-        )
-
-
-class _ContextTracker:
-    """Tells the contexts of a forward apart, and recognises known values across forwards."""
-
-    def __init__(self) -> None:
-        self._tokens = itertools.count()
-        self._this_forward: deque[tuple[_Identity, _ContextEntry]] = deque(maxlen=_CONTEXTS_REMEMBERED)
-        self._remembered: deque[_RememberedContext] = deque(maxlen=_CONTEXTS_REMEMBERED)
-
-    def start_forward(self) -> None:
-        self._this_forward.clear()
-
-    def entry(self, context: Tensor, by_value: bool) -> _ContextEntry:
-        """``context``'s entry in this forward. With ``by_value``, its token is that of a
-        remembered context with the same values, if any; otherwise the token is new."""
-        for identity, entry in self._this_forward:
-            if identity.matches(context):
-                return entry
-        entry = _ContextEntry(self._token_by_value(context) if by_value else next(self._tokens))
-        self._this_forward.append((_Identity.of(context), entry))
-        return entry
-
-    def _token_by_value(self, context: Tensor) -> int:
-        for remembered in self._remembered:
-            if remembered.identity.matches(context) or remembered.has_values_of(context):
-                return remembered.token
-        token = next(self._tokens)
-        self._remembered.append(_RememberedContext(_Identity.of(context), context.detach().clone(), token))
-        return token
-
-
-# What apply_hypernetworks installs
-
-
-class _Pair(NamedTuple):
-    """The modules one hypernetwork applies at one width, and its strength in this call."""
-
-    k: HypernetworkModule
-    v: HypernetworkModule
-    strength: float
-
-
-class _Recipe(NamedTuple):
-    """What a cached result was computed from: the strengths, and every tensor it read (the
-    modules' parameters, and those of ``to_k``/``to_v`` when given) as it was then."""
-
-    strengths: tuple[float, ...]
-    tensors: tuple[_Identity, ...]
-
-    @classmethod
-    def of(cls, pairs: Sequence[_Pair], attn: Attention | None = None) -> _Recipe:
-        return cls(tuple(pair.strength for pair in pairs), tuple(map(_Identity.of, _tensors_read(pairs, attn))))
-
-    def matches(self, pairs: Sequence[_Pair], attn: Attention | None = None) -> bool:
-        tensors = _tensors_read(pairs, attn)
-        return (
-            self.strengths == tuple(pair.strength for pair in pairs)
-            and len(self.tensors) == len(tensors)
-            and all(identity.matches(tensor) for identity, tensor in zip(self.tensors, tensors))
-        )
-
-
-def _tensors_read(pairs: Sequence[_Pair], attn: Attention | None) -> list[Tensor]:
-    tensors = [tensor for pair in pairs for module in (pair.k, pair.v) for tensor in module.parameters()]
-    if attn is not None:
-        projections = (attn.to_k.weight, attn.to_k.bias, attn.to_v.weight, attn.to_v.bias)
-        tensors += [tensor for tensor in projections if tensor is not None]
-    return tensors
-
-
 def _is_bare_linear(module: nn.Module) -> bool:
     """A plain ``nn.Linear`` whose call computes only ``F.linear(x, weight, bias)``."""
     return (
@@ -419,7 +292,7 @@ def _is_bare_linear(module: nn.Module) -> bool:
     )
 
 
-def _hyper_kv_reasons(attn: Attention, x: Tensor, pairs: Sequence[_Pair]) -> list[str]:
+def _hyper_kv_reasons(attn: Attention, x: Tensor, pairs: Sequence[Pair]) -> list[str]:
     """Why the fused ``hyper_kv`` op cannot compute this layer's keys and values (empty: it can)."""
     if len(pairs) != 1:
         return [f"{len(pairs)} hypernetworks compose at width {x.shape[-1]}; the op fuses one"]
@@ -440,7 +313,7 @@ def _hyper_kv_reasons(attn: Attention, x: Tensor, pairs: Sequence[_Pair]) -> lis
     return reasons
 
 
-def _hyper_kv_pays(attn: Attention, x: Tensor, pair: _Pair, dtype: torch.dtype) -> bool:
+def _hyper_kv_pays(attn: Attention, x: Tensor, pair: Pair, dtype: torch.dtype) -> bool:
     """Whether the fused op should compute this layer's K and V: always when forced, else where
     the cost model predicts it faster on this GPU (:mod:`nai_fast.kernels.policy`)."""
     if kernel_mode() == "triton":
@@ -489,10 +362,10 @@ class _Installed:
     original_processors: dict[str, Any]
     layers_see_the_context: bool  # the U-Net hands encoder_hidden_states to its layers unchanged
     hook: torch.utils.hooks.RemovableHandle | None = None
-    contexts: _ContextTracker = field(default_factory=_ContextTracker)
+    contexts: ContextTracker = field(default_factory=ContextTracker)
     penalty: Tensor | None = None
     # width -> the composed k and v maps for folding, and their recipe
-    _composed: dict[int, tuple[_Recipe, tuple[AffineMap, AffineMap]]] = field(default_factory=dict)
+    _composed: dict[int, tuple[Recipe, tuple[AffineMap, AffineMap]]] = field(default_factory=dict)
 
     def start_forward(self, unet: nn.Module, args: tuple[object, ...], kwargs: dict[str, Any]) -> None:
         """The U-Net's forward pre-hook: a new forward shares nothing with the last one.
@@ -520,21 +393,21 @@ class _Installed:
             return self.default_strengths
         return _parse_strengths(requested, len(self.hypernetworks))
 
-    def active_pairs(self, width: int, strengths: tuple[float, ...]) -> list[_Pair]:
+    def active_pairs(self, width: int, strengths: tuple[float, ...]) -> list[Pair]:
         """The module pairs to apply, in order, to a k/v input of ``width`` features."""
         pairs = []
         for hypernetwork, strength in zip(self.hypernetworks, strengths):
             modules = hypernetwork.modules_for(width)
             if modules is not None and strength != 0:
-                pairs.append(_Pair(*modules, strength))
+                pairs.append(Pair(*modules, strength))
         return pairs
 
     @staticmethod
-    def reuse_allowed(pairs: Sequence[_Pair]) -> bool:
+    def reuse_allowed(pairs: Sequence[Pair]) -> bool:
         """Whether results may outlive the forward: no gradients, no active Dropout."""
         return not torch.is_grad_enabled() and not any(pair.k.training or pair.v.training for pair in pairs)
 
-    def run(self, x: Tensor, pairs: Sequence[_Pair]) -> tuple[Tensor, Tensor]:
+    def run(self, x: Tensor, pairs: Sequence[Pair]) -> tuple[Tensor, Tensor]:
         """The inputs of ``to_k`` and ``to_v``: each pair's modules applied to ``x`` in turn."""
         k_input = v_input = x
         for pair in pairs:
@@ -542,7 +415,7 @@ class _Installed:
             v_input = self._apply_module(pair.v, v_input, pair.strength)
         return k_input, v_input
 
-    def run_shared(self, entry: _ContextEntry, x: Tensor, pairs: Sequence[_Pair]) -> tuple[Tensor, Tensor]:
+    def run_shared(self, entry: ContextEntry, x: Tensor, pairs: Sequence[Pair]) -> tuple[Tensor, Tensor]:
         """:meth:`run`, computed once per forward for the context ``entry`` describes."""
         # Outputs computed without gradients never serve a pass that needs them.
         grad_enabled = torch.is_grad_enabled()
@@ -550,7 +423,7 @@ class _Installed:
             if computed_with_grad == grad_enabled and recipe.matches(pairs):
                 return outputs
         outputs = self.run(x, pairs)
-        entry.module_outputs.append((_Recipe.of(pairs), grad_enabled, outputs))
+        entry.module_outputs.append((Recipe.of(pairs), grad_enabled, outputs))
         return outputs
 
     def _apply_module(self, module: HypernetworkModule, x: Tensor, strength: float) -> Tensor:
@@ -574,13 +447,13 @@ class _Installed:
         term = penalty_weight * residual.float().square().mean()
         self.penalty = term if self.penalty is None else self.penalty + term
 
-    def composed(self, width: int, pairs: Sequence[_Pair]) -> tuple[AffineMap, AffineMap]:
+    def composed(self, width: int, pairs: Sequence[Pair]) -> tuple[AffineMap, AffineMap]:
         """The affine pairs' composed maps for k and v, built once per width, weights and strengths."""
         cached = self._composed.get(width)
         if cached is None or not cached[0].matches(pairs):
             dtype = torch.promote_types(pairs[0].k.net[0].weight.dtype, torch.float32)
             maps = tuple(compose_affine([(getattr(pair, role), pair.strength) for pair in pairs], dtype) for role in "kv")
-            cached = self._composed[width] = (_Recipe.of(pairs), maps)
+            cached = self._composed[width] = (Recipe.of(pairs), maps)
         return cached[1]
 
 
@@ -597,9 +470,8 @@ class HypernetworkAttnProcessor:
 
     def __init__(self, installed: _Installed) -> None:
         self._installed = installed
-        # context token -> (recipe, key, value), the most recent last
-        self._cached_key_values: OrderedDict[int, tuple[_Recipe, Tensor, Tensor]] = OrderedDict()
-        self._folded: tuple[_Recipe, tuple[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
+        self._key_values = KeyValueCache()
+        self._folded: tuple[Recipe, tuple[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
 
     def __call__(
         self,
@@ -706,7 +578,7 @@ class HypernetworkAttnProcessor:
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         return hidden_states.to(query.dtype)
 
-    def _fused_key_value(self, attn: Attention, x: Tensor, pairs: list[_Pair]) -> tuple[Tensor, Tensor] | None:
+    def _fused_key_value(self, attn: Attention, x: Tensor, pairs: list[Pair]) -> tuple[Tensor, Tensor] | None:
         """Self-attention's keys and values through the fused ``hyper_kv`` op; None (the reason
         logged once) where it cannot take this layer's modules."""
         reasons = _hyper_kv_reasons(attn, x, pairs)
@@ -729,30 +601,27 @@ class HypernetworkAttnProcessor:
         return key, value
 
     def _cross_attention_key_value(
-        self, attn: Attention, context: Tensor, pairs: list[_Pair], reusable: bool
+        self, attn: Attention, context: Tensor, pairs: list[Pair], reusable: bool
     ) -> tuple[Tensor, Tensor]:
         installed = self._installed
         entry = installed.contexts.entry(context, by_value=reusable)
         if not reusable:
             k_input, v_input = installed.run_shared(entry, context, pairs)
             return attn.to_k(k_input), attn.to_v(v_input)
-        cached = self._cached_key_values.get(entry.token)
-        if cached is not None and cached[0].matches(pairs, attn):
-            return cached[1], cached[2]
+        cached = self._key_values.get(entry.token, pairs, attn)
+        if cached is not None:
+            return cached
         k_input, v_input = installed.run_shared(entry, context, pairs)
         key, value = attn.to_k(k_input), attn.to_v(v_input)
-        self._cached_key_values[entry.token] = (_Recipe.of(pairs, attn), key, value)
-        self._cached_key_values.move_to_end(entry.token)
-        if len(self._cached_key_values) > _CONTEXTS_REMEMBERED:
-            self._cached_key_values.popitem(last=False)
+        self._key_values.put(entry.token, pairs, attn, key, value)
         return key, value
 
     def _folded_projections(
-        self, attn: Attention, width: int, pairs: list[_Pair]
+        self, attn: Attention, width: int, pairs: list[Pair]
     ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
         """``(weight, bias)`` of ``to_k`` and ``to_v`` with the affine pairs folded in, refolded
         whenever the pairs or the projections change."""
         if self._folded is None or not self._folded[0].matches(pairs, attn):
             k_map, v_map = self._installed.composed(width, pairs)
-            self._folded = (_Recipe.of(pairs, attn), fold_into(attn.to_k, k_map), fold_into(attn.to_v, v_map))
+            self._folded = (Recipe.of(pairs, attn), fold_into(attn.to_k, k_map), fold_into(attn.to_v, v_map))
         return self._folded[1], self._folded[2]
