@@ -75,9 +75,9 @@ rewrites computes its K and V with ``hyper_kv`` (module and projection in two GE
 and a cross-attention layer over a prompt of up to 4 chunks attends with
 ``cross_attention``; elsewhere the eager path above runs (modules, ``to_k``/``to_v``, SDPA),
 with a logged reason where a structure cannot fuse (LayerNorm, deeper nets, Dropout while
-training, several hypernetworks at one width). Under ``auto`` each op runs only where the
-cost model predicts it faster on the GPU (:mod:`nai_fast.kernels.policy`); ``triton``
-forces them, which is how ``tests/test_kernel_unet.py`` checks a training step against the
+training, several hypernetworks at one width). Which op runs where is
+:mod:`nai_fast.kernels.policy`'s choice: under ``auto`` only where the cost model predicts it
+faster on the GPU; ``triton`` forces them, which is how ``tests/test_kernel_unet.py`` checks a training step against the
 eager processors under Triton's interpreter. The shallow-layer penalty of a fused layer is
 measured with one extra module call on the detached input, as it is wherever that input
 carries a graph.
@@ -116,9 +116,9 @@ from torch import Tensor, nn
 from .. import kernels
 from .cache import ContextEntry, ContextTracker, KeyValueCache, Pair, Recipe
 from .modules import AffineMap, Hypernetwork, HypernetworkModule, compose_affine, fold_into
-from ..kernels import MLP, kernel_mode, kernels_requested
+from ..kernels import MLP, kernels_requested
 from ..kernels.hyper_kv import structure_not_supported_reasons
-from ..kernels.policy import cross_attention_pays, gpu_class, hyper_kv_pays
+from ..kernels.policy import takes_cross_attention, takes_hyper_kv
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
@@ -141,9 +141,6 @@ DEFAULT_PENALTY_WEIGHTS: Mapping[int, float] = MappingProxyType({320: 1.0})
 Strengths = float | Sequence[float]
 
 _INSTALLED = "_nai_fast_hypernetworks"  # the U-Net attribute holding what apply_hypernetworks installed
-# Prompts of 1 to 4 chunks: the key sets the fused cross_attention op is built for (its K and
-# V stay on chip); longer contexts go to PyTorch's SDPA.
-FUSED_ATTENTION_MAX_KEYS = 4 * 77
 
 logger = logging.getLogger(__name__)
 
@@ -311,31 +308,6 @@ def _hyper_kv_reasons(attn: Attention, x: Tensor, pairs: Sequence[Pair]) -> list
     if module_dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
         reasons.append(f"the hypernetwork is {module_dtype} and the layer {x.dtype} (eager runs each in its own)")
     return reasons
-
-
-def _hyper_kv_pays(attn: Attention, x: Tensor, pair: Pair, dtype: torch.dtype) -> bool:
-    """Whether the fused op should compute this layer's K and V: always when forced, else where
-    the cost model predicts it faster on this GPU (:mod:`nai_fast.kernels.policy`)."""
-    if kernel_mode() == "triton":
-        return True
-    tokens, width = x.numel() // x.shape[-1], x.shape[-1]
-    hidden_width = pair.k.net[0].out_features
-    backward = torch.is_grad_enabled()
-    return hyper_kv_pays(
-        tokens, width, hidden_width, attn.to_k.out_features, dtype.itemsize, pair.k.architecture.activation,
-        backward, gpu_class(x.device),
-    )  # fmt: skip
-
-
-def _cross_attention_pays(query: Tensor, key: Tensor) -> bool:
-    """Whether the fused op should run this cross-attention (see :func:`_hyper_kv_pays`)."""
-    if kernel_mode() == "triton":
-        return True
-    batch, heads, query_length, head_dim = query.shape
-    backward = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
-    return cross_attention_pays(
-        batch, heads, query_length, key.shape[2], head_dim, query.dtype.itemsize, backward, gpu_class(query.device)
-    )
 
 
 @cache
@@ -563,13 +535,7 @@ class HypernetworkAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        if (
-            attn.is_cross_attention
-            and attention_mask is None
-            and key.shape[2] <= FUSED_ATTENTION_MAX_KEYS
-            and kernels_requested(query.device)
-            and _cross_attention_pays(query, key)
-        ):
+        if attn.is_cross_attention and takes_cross_attention(query, key, attention_mask):
             hidden_states = kernels.cross_attention(query, key, value)
         else:
             hidden_states = F.scaled_dot_product_attention(
@@ -589,7 +555,8 @@ class HypernetworkAttnProcessor:
         # Under autocast the op runs in autocast's dtype, as the Linears it replaces would.
         device_type = x.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-        if not _hyper_kv_pays(attn, x, pair, dtype):
+        hidden_width, activation = pair.k.net[0].out_features, pair.k.architecture.activation
+        if not takes_hyper_kv(x, hidden_width, attn.to_k.out_features, dtype, activation):
             return None
         key, value = kernels.hyper_kv(
             x.to(dtype), attn.to_k.weight.to(dtype), attn.to_v.weight.to(dtype), _mlp(pair.k, dtype),
