@@ -20,8 +20,9 @@ order, each with its own strength, as the web UI's ``apply_hypernetworks`` does:
 Strength per call: pass ``cross_attention_kwargs={"hypernetwork_strength": s}``
 (:data:`STRENGTH_KWARG`) to the U-Net or the pipeline; ``s`` is one number for
 every hypernetwork or a sequence with one per hypernetwork. Without it, the
-strengths given to :func:`apply_hypernetworks` apply. A strength of 0 skips the
-module, so the layer computes exactly what stock diffusers computes.
+strengths given to :func:`apply_hypernetworks` apply. It is parsed once per U-Net
+forward, not in every layer. A strength of 0 skips the module, so the layer computes
+exactly what stock diffusers computes.
 
 Work done once, where the web UI redoes it in every layer at every step:
 
@@ -183,7 +184,7 @@ def apply_hypernetworks(
         raise ValueError(f"penalty weights must be finite and non-negative, got {dict(penalty_weights)}")
     installed = _Installed(
         hypernetworks=hypernetworks,
-        default_strengths=_parse_strengths(1.0 if strengths is None else strengths, len(hypernetworks)),
+        strengths=_parse_strengths(1.0 if strengths is None else strengths, len(hypernetworks)),
         penalty_weights=dict(penalty_weights),
         original_processors=unet.attn_processors,
         layers_see_the_context=getattr(unet, "encoder_hid_proj", None) is None
@@ -254,7 +255,7 @@ def installed_hypernetworks(unet: UNet2DConditionModel) -> list[tuple[Hypernetwo
     """The hypernetworks :func:`apply_hypernetworks` put on ``unet``, in order, each with its
     default strength (empty if none)."""
     installed = getattr(unet, _INSTALLED, None)
-    return [] if installed is None else list(zip(installed.hypernetworks, installed.default_strengths))
+    return [] if installed is None else list(zip(installed.hypernetworks, installed.strengths))
 
 
 def hypernetwork_penalty(unet: UNet2DConditionModel) -> Tensor:
@@ -329,13 +330,15 @@ class _Installed:
     """The hypernetworks on one U-Net and the state its processors share."""
 
     hypernetworks: tuple[Hypernetwork, ...]
-    default_strengths: tuple[float, ...]
+    strengths: tuple[float, ...]  # as applied; a call's hypernetwork_strength overrides them
     penalty_weights: dict[int, float]
     original_processors: dict[str, Any]
     layers_see_the_context: bool  # the U-Net hands encoder_hidden_states to its layers unchanged
     hook: torch.utils.hooks.RemovableHandle | None = None
     contexts: ContextTracker = field(default_factory=ContextTracker)
     penalty: Tensor | None = None
+    # this forward's hypernetwork_strength and its parse, shared by every layer
+    _call_strengths: tuple[object, tuple[float, ...]] | None = None
     # width -> the composed k and v maps for folding, and their recipe
     _composed: dict[int, tuple[Recipe, tuple[AffineMap, AffineMap]]] = field(default_factory=dict)
 
@@ -349,21 +352,28 @@ class _Installed:
         """
         self.contexts.start_forward()
         self.penalty = None
+        self._call_strengths = None
         if not (torch.is_grad_enabled() and self.layers_see_the_context):
             return
         arguments = inspect.signature(unet.forward).bind_partial(*args, **kwargs).arguments
         context = arguments.get("encoder_hidden_states")
         if context is None:
             return
-        requested = (arguments.get("cross_attention_kwargs") or {}).get(STRENGTH_KWARG)
-        pairs = self.active_pairs(context.shape[-1], self.strengths(requested))
+        hypernetwork_strength = (arguments.get("cross_attention_kwargs") or {}).get(STRENGTH_KWARG)
+        pairs = self.active_pairs(context.shape[-1], self.strengths_of_call(hypernetwork_strength))
         if pairs:
             self.run_shared(self.contexts.entry(context, by_value=False), context, pairs)
 
-    def strengths(self, requested: Strengths | None) -> tuple[float, ...]:
-        if requested is None:
-            return self.default_strengths
-        return _parse_strengths(requested, len(self.hypernetworks))
+    def strengths_of_call(self, hypernetwork_strength: Strengths | None) -> tuple[float, ...]:
+        """The strengths a call applies: the applied ones, or its ``hypernetwork_strength``
+        (:data:`STRENGTH_KWARG`) parsed once per forward: the first layer (or the pre-hook)
+        parses it, the others get the same value object and reuse the parse."""
+        if hypernetwork_strength is None:
+            return self.strengths
+        if self._call_strengths is None or self._call_strengths[0] is not hypernetwork_strength:
+            parsed = _parse_strengths(hypernetwork_strength, len(self.hypernetworks))
+            self._call_strengths = (hypernetwork_strength, parsed)
+        return self._call_strengths[1]
 
     def active_pairs(self, width: int, strengths: tuple[float, ...]) -> list[Pair]:
         """The module pairs to apply, in order, to a k/v input of ``width`` features."""
@@ -483,7 +493,7 @@ class HypernetworkAttnProcessor:
         else:
             key_value_input = encoder_hidden_states
 
-        strengths = self._installed.strengths(hypernetwork_strength)
+        strengths = self._installed.strengths_of_call(hypernetwork_strength)
         key, value = self.key_value(attn, key_value_input, is_cross_attention, strengths)
         hidden_states = self.attention(attn, query, key, value, attention_mask)
 
