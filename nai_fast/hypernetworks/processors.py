@@ -28,33 +28,21 @@ Work done once, where the web UI redoes it in every layer at every step:
 
 1. **One module call per context per forward.** All cross-attention layers of a
    U-Net forward get the same context tensor; one module output is shared by all
-   of them (autograd included) through a table keyed by the tensor's identity (a
-   weak reference, so a freed tensor never matches), version counter, data
-   pointer, shape, dtype and device. A forward pre-hook on the U-Net clears the
-   table, so nothing is shared across forwards. With gradients enabled the hook
-   also computes the shared outputs, before any block runs, so that a
-   gradient-checkpointed block recomputes exactly the operations it first ran.
+   of them (autograd included) through a table keyed by the tensor's identity
+   (:mod:`.cache`). A forward pre-hook on the U-Net clears the table, so nothing
+   is shared across forwards. With gradients enabled the hook also computes the
+   shared outputs, before any block runs, so that a gradient-checkpointed block
+   recomputes exactly the operations it first ran.
 2. **Cross-attention K and V once per generation** (inference only). Each
-   cross-attention layer keeps its K and V for the last two contexts (46 MB a
-   context for SD 1.x in float32, CFG batch, 231 tokens). A context
-   is recognised across forwards by its *values*: the first sight of a tensor in
-   a forward is compared with ``torch.equal`` against a private copy of each
-   remembered context (same object, unmodified: no comparison needed). Samplers
-   that ``torch.cat`` the negative and positive contexts at every step make a
-   new tensor with the same values each step, which identity alone would miss;
-   a hash would cost the same full read and could collide, and ``torch.equal``
-   reads the context (2 x 231 x 768 values for SD 1.x with CFG) once per
-   forward, next to a U-Net that reads a thousand times more. K and V are
-   recomputed when the context's values, a strength, a hypernetwork's weights
-   or ``to_k``/``to_v``'s weights change (a weight is "changed" when its tensor
-   is replaced or moved, or modified in place as autograd's version counter
-   sees it: optimizer steps and ``load_state_dict`` are; ``param.data.add_()``
-   is not, nor anything done to tensors created under ``torch.inference_mode``).
+   cross-attention layer keeps its K and V for the last two contexts, recognised
+   by value, recomputed when the context's values, a strength, a hypernetwork's
+   weights or ``to_k``/``to_v``'s weights change (:mod:`.cache`).
 3. **Folding** (inference only). In self-attention the k/v input is new at every
    layer and step, so a module cannot be shared; but an affine module (only
    Linears and inactive Dropouts) folds into the projection:
    ``to_k(x + s (x A^T + b)) = x (W (I + s A))^T + (s W b + bias)``, several
-   hypernetworks first composing into one affine map. The composed map is built
+   hypernetworks first composing into one affine map (the arithmetic:
+   :func:`~.modules.compose_affine`, :func:`~.modules.fold_into`). The composed map is built
    once per width and strength set, the folded weights once per layer; they
    live in the processor (100 MB for SD 1.x in float32), so ``to_k``/``to_v``'s own
    parameters are never written: a saved or trained U-Net never sees folded
