@@ -66,8 +66,8 @@ and a cross-attention layer over a prompt of up to 4 chunks attends with
 with a logged reason where a structure cannot fuse (LayerNorm, deeper nets, Dropout while
 training, several hypernetworks at one width). Which op runs where is
 :mod:`nai_fast.kernels.policy`'s choice: under ``auto`` only where the cost model predicts it
-faster on the GPU; ``triton`` forces them, which is how ``tests/test_kernel_unet.py`` checks a training step against the
-eager processors under Triton's interpreter. The shallow-layer penalty of a fused layer is
+faster on the GPU; ``triton`` forces them, which is how ``tests/test_kernel_unet.py`` checks
+a training step against the eager processors under Triton's interpreter. The shallow-layer penalty of a fused layer is
 measured with one extra module call on the detached input, as it is wherever that input
 carries a graph.
 
@@ -422,7 +422,9 @@ class _Installed:
         cached = self._composed.get(width)
         if cached is None or not cached[0].matches(pairs):
             dtype = torch.promote_types(pairs[0].k.net[0].weight.dtype, torch.float32)
-            maps = tuple(compose_affine([(getattr(pair, role), pair.strength) for pair in pairs], dtype) for role in "kv")
+            maps = tuple(
+                compose_affine([(getattr(pair, role), pair.strength) for pair in pairs], dtype) for role in "kv"
+            )
             cached = self._composed[width] = (Recipe.of(pairs), maps)
         return cached[1]
 

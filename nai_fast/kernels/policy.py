@@ -60,11 +60,14 @@ def takes_hyper_kv(x: torch.Tensor, hidden_width: int, out_width: int, dtype: to
 def takes_cross_attention(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:
     """Whether a cross-attention layer attends with the fused ``cross_attention`` op rather than
     SDPA: no mask, at most :data:`FUSED_ATTENTION_MAX_KEYS` keys, kernels requested
-    (``NAI_FAST_KERNELS``), and under ``auto`` the cost model's consent (:func:`cross_attention_pays`).
+    (``NAI_FAST_KERNELS``), and under ``auto`` the cost model's consent
+    (:func:`cross_attention_pays`).
 
     ``query`` and ``key`` are ``(batch, heads, tokens, head_dim)``.
     """
-    if attention_mask is not None or key.shape[2] > FUSED_ATTENTION_MAX_KEYS or not kernels_requested(query.device):
+    if attention_mask is not None or key.shape[2] > FUSED_ATTENTION_MAX_KEYS:
+        return False
+    if not kernels_requested(query.device):
         return False
     if kernel_mode() == "triton":
         return True
