@@ -1,5 +1,5 @@
-"""Hypernetworks (nai_fast.hypernetworks.modules): module math, the web UI's layer layout, weight
-init, affine maps, and loading/saving every file format, including hand-built web UI and
+"""Hypernetworks (nai_fast.hypernetworks.modules and .files): module math, the web UI's layer
+layout, weight init, affine maps, and loading/saving every file format, including hand-built web UI and
 NovelAI files, refused pickles and malformed files."""
 
 import json
@@ -19,8 +19,8 @@ from nai_fast.hypernetworks.modules import (
     Hypernetwork,
     HypernetworkFileError,
     HypernetworkModule,
-    dropout_structure_from_flags,
 )
+from nai_fast.hypernetworks.files import dropout_structure_from_flags
 
 WIDTHS = (8, 16)
 # The metadata keys the web UI writes (and reads) besides the int width keys.

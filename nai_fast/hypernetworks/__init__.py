@@ -1,3 +1,4 @@
-"""Hypernetworks: the modules and their files, and the diffusers attention processors that apply
-them to the k/v inputs of the U-Net's attention (caches, folding, kernels).
+"""Hypernetworks: the modules (modules.py) and their files (files.py), and the diffusers attention
+processor that applies them to the k/v inputs of the U-Net's attention (processors.py), with what
+it reuses (cache.py).
 """

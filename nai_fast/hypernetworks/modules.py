@@ -1,4 +1,4 @@
-"""NovelAI / web UI hypernetworks: the modules, and loading and saving every real file format.
+"""NovelAI / web UI hypernetworks: the modules (``nn.Module``), in the web UI's layout.
 
 A hypernetwork holds, for each feature width of the U-Net's cross-attention
 contexts (320, 640, 768, 1024, 1280), a pair of small residual networks: one
@@ -18,42 +18,24 @@ files store tensors under Sequential indices. After Linear ``i`` of ``n - 1``:
 * a Dropout, when ``dropout_structure[i + 1] > 0`` (``dropout_structure[0]``
   is never used: no layer comes before the first Linear).
 
-Files :meth:`Hypernetwork.load` reads (the format is told from the content):
-
-* the web UI's ``.pt``: a dict of ``int width -> (k, v)`` state dicts (a tuple
-  or a list) with keys ``linear.{index}.{weight|bias}``, plus metadata keys
-  (``layer_structure``, ``activation_func``, ``is_layer_norm``,
-  ``dropout_structure``, ``use_dropout``, ``last_layer_dropout``,
-  ``activate_output``, ``name``, ``step``, ...). Older files lack some keys;
-  the web UI's defaults apply.
-* NovelAI's original ``.pt``: the same dict of pairs, no metadata, keys
-  ``linear1.*`` and ``linear2.*`` (``width -> 2 width -> width``, no
-  activation), renamed ``linear.0.*`` and ``linear.1.*`` as the web UI does.
-* ``.safetensors``: tensors ``{width}.{k|v}.net.{index}.{weight|bias}``, the
-  web UI's metadata keys in the header, each value a JSON string.
-
-Every ``.pt`` goes through ``torch.load(weights_only=True)``: a file that
-needs arbitrary code to unpickle is refused, never executed. Malformed files
-raise :class:`HypernetworkFileError` naming the file and the problem.
+The file formats are :mod:`.files`' (:meth:`Hypernetwork.load` and :meth:`Hypernetwork.save`
+call it); the activation names are :mod:`nai_fast.kernels.activations`' one table.
 """
 
 from __future__ import annotations
 
-import inspect
-import json
 import os
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import safetensors
-import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from ..models.safe_load import load_weights_only
+from ..kernels.activations import ACTIVATIONS, NO_ACTIVATION
+from . import files
+from .files import HypernetworkFileError
 
 __all__ = [
     "ACTIVATIONS",
@@ -63,28 +45,10 @@ __all__ = [
     "Hypernetwork",
     "HypernetworkFileError",
     "HypernetworkModule",
-    "dropout_structure_from_flags",
+    "compose_affine",
+    "fold_into",
 ]
 
-# The web UI's activation names: its own few, then every torch activation by lower-case
-# class name. "swish" is Hardswish there (not SiLU, which is "silu"); files rely on that.
-ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU,
-    "leakyrelu": nn.LeakyReLU,
-    "elu": nn.ELU,
-    "swish": nn.Hardswish,
-    "tanh": nn.Tanh,
-    "sigmoid": nn.Sigmoid,
-}
-# The web UI lists these too, but no network can use them: MultiheadAttention and Threshold
-# need constructor arguments, and GLU halves the width the next Linear expects.
-_UNUSABLE_ACTIVATIONS = {"glu", "multiheadattention", "threshold"}
-ACTIVATIONS.update(
-    (name.lower(), cls)
-    for name, cls in inspect.getmembers(nn.modules.activation, inspect.isclass)
-    if cls.__module__ == nn.modules.activation.__name__ and name.lower() not in _UNUSABLE_ACTIVATIONS
-)
-_NO_ACTIVATION = "linear"
 
 _WeightInit = Callable[[Tensor, str], object]
 WEIGHT_INITS: dict[str, _WeightInit] = {
@@ -96,24 +60,8 @@ WEIGHT_INITS: dict[str, _WeightInit] = {
 }
 
 DEFAULT_WIDTHS = (320, 640, 768, 1280)  # Stable Diffusion 1.x; 2.x adds 1024
-DEFAULT_LAYER_STRUCTURE = (1, 2, 1)  # also what files without the key use
-_WEB_UI_DROPOUT = 0.3  # the probability old web UI files mean by use_dropout
+DEFAULT_LAYER_STRUCTURE = (1, 2, 1)
 _ROLES = ("k", "v")
-# Module keys: ours name the Sequential "net", the web UI's "linear".
-_NET_PREFIX = "net."
-_WEB_UI_PREFIX = "linear."
-# NovelAI's original modules had two named Linears; the web UI renames them the same way.
-_NOVELAI_KEYS = {
-    "linear1.weight": "linear.0.weight",
-    "linear1.bias": "linear.0.bias",
-    "linear2.weight": "linear.1.weight",
-    "linear2.bias": "linear.1.bias",
-}
-_SAFETENSORS_NAME = re.compile(r"(?P<width>\d+)\.(?P<role>[kv])\.(?P<key>net\..+)")
-
-
-class HypernetworkFileError(ValueError):
-    """A hypernetwork file that is malformed, unreadable or unsafe to load."""
 
 
 class AffineMap(NamedTuple):
@@ -121,20 +69,6 @@ class AffineMap(NamedTuple):
 
     matrix: Tensor
     bias: Tensor
-
-
-def dropout_structure_from_flags(depth: int, use_dropout: bool, last_layer_dropout: bool) -> tuple[float, ...]:
-    """The dropout structure that web UI files without one mean by their flags.
-
-    ``depth`` is ``len(layer_structure)``. With ``use_dropout``, every Linear but
-    the last two is followed by Dropout(0.3), and the second to last one too
-    with ``last_layer_dropout``; the last Linear never is (for ``depth`` 2, the
-    web UI's rule puts ``last_layer_dropout``'s dropout after the only Linear).
-    """
-    if not use_dropout:
-        return (0.0,) * depth
-    structure = (0.0, *[_WEB_UI_DROPOUT] * (depth - 3), _WEB_UI_DROPOUT if last_layer_dropout else 0.0, 0.0)
-    return structure[:depth]
 
 
 def _is_number(value: object) -> bool:
@@ -156,7 +90,7 @@ class Architecture:
     """
 
     layer_structure: tuple[float, ...] = DEFAULT_LAYER_STRUCTURE
-    activation: str = _NO_ACTIVATION
+    activation: str = NO_ACTIVATION
     layer_norm: bool = False
     dropout_structure: tuple[float, ...] = (0.0,) * len(DEFAULT_LAYER_STRUCTURE)
     activate_output: bool = False
@@ -167,9 +101,9 @@ class Architecture:
             raise ValueError(f"layer_structure must be at least two positive numbers, got {list(structure)}")
         if structure[0] != 1 or structure[-1] != 1:
             raise ValueError(f"layer_structure must start and end with 1, got {list(structure)}")
-        if self.activation != _NO_ACTIVATION and self.activation not in ACTIVATIONS:
+        if self.activation != NO_ACTIVATION and self.activation not in ACTIVATIONS:
             raise ValueError(
-                f"unknown activation {self.activation!r}; expected {_NO_ACTIVATION!r} or one of {sorted(ACTIVATIONS)}"
+                f"unknown activation {self.activation!r}; expected {NO_ACTIVATION!r} or one of {sorted(ACTIVATIONS)}"
             )
         if not isinstance(self.layer_norm, bool) or not isinstance(self.activate_output, bool):
             raise ValueError("layer_norm and activate_output must be booleans")
@@ -189,7 +123,7 @@ class Architecture:
         layers: list[nn.Module] = []
         for i, (in_features, out_features) in enumerate(zip(features, features[1:])):
             layers.append(nn.Linear(in_features, out_features))
-            if self.activation != _NO_ACTIVATION and (i < last or self.activate_output):
+            if self.activation != NO_ACTIVATION and (i < last or self.activate_output):
                 layers.append(ACTIVATIONS[self.activation]())
             if self.layer_norm:
                 layers.append(nn.LayerNorm(out_features))
@@ -263,13 +197,37 @@ class HypernetworkModule(nn.Module):
         return AffineMap(matrix, bias)
 
 
-@dataclass
-class _FileContents:
-    """What any format holds: web UI metadata keys, and per width the k and v state dicts
-    keyed like :class:`HypernetworkModule` (``net.{index}.{param}``)."""
+# Folding: affine modules composed, then folded into a projection
 
-    metadata: dict[str, object]
-    pairs: dict[int, tuple[dict[str, object], dict[str, object]]]
+
+def compose_affine(steps: Sequence[tuple[HypernetworkModule, float]], dtype: torch.dtype) -> AffineMap:
+    """``(D, c)`` with ``h_n(...h_1(x)) = x + x @ D.T + c``, for affine modules applied in
+    order, each ``h(x) = x + s net(x)`` with its strength ``s``; computed in ``dtype``.
+
+    Applying ``h(x) = x + s (x A^T + b)`` after ``x + x D^T + c`` gives
+    ``D <- D + s A (I + D)`` and ``c <- c + s (A c + b)``.
+    """
+    width = steps[0][0].width
+    delta = torch.zeros(width, width, dtype=dtype, device=steps[0][0].net[0].weight.device)
+    shift = delta.new_zeros(width)
+    for module, strength in steps:
+        matrix, bias = module.affine_map(dtype)
+        delta = delta + strength * (matrix + matrix @ delta)
+        shift = shift + strength * (matrix @ shift + bias)
+    return AffineMap(delta, shift)
+
+
+def fold_into(linear: nn.Linear, composed: AffineMap) -> tuple[Tensor, Tensor]:
+    """Weight and bias of ``x -> linear(x + x @ D.T + c)``, in ``linear``'s dtype."""
+    weight = linear.weight
+    dtype = torch.promote_types(weight.dtype, composed.matrix.dtype)
+    projection = weight.to(dtype)
+    # W + W D rather than W (I + D): the small term is rounded on its own scale.
+    folded_weight = projection + projection @ composed.matrix.to(dtype)
+    folded_bias = projection @ composed.bias.to(dtype)
+    if linear.bias is not None:
+        folded_bias = folded_bias + linear.bias.to(dtype)
+    return folded_weight.to(weight.dtype), folded_bias.to(weight.dtype)
 
 
 class Hypernetwork(nn.Module):
@@ -295,7 +253,7 @@ class Hypernetwork(nn.Module):
         self,
         widths: Sequence[int] = DEFAULT_WIDTHS,
         layer_structure: Sequence[float] = DEFAULT_LAYER_STRUCTURE,
-        activation: str | None = _NO_ACTIVATION,
+        activation: str | None = NO_ACTIVATION,
         layer_norm: bool = False,
         dropout_structure: Sequence[float] | None = None,
         weight_init: str = "Normal",
@@ -306,7 +264,7 @@ class Hypernetwork(nn.Module):
             raise ValueError(f"widths must be one or more positive integers, got {list(widths)}")
         self.architecture = Architecture(
             layer_structure=tuple(layer_structure),
-            activation=_NO_ACTIVATION if activation is None else activation,
+            activation=NO_ACTIVATION if activation is None else activation,
             layer_norm=layer_norm,
             dropout_structure=(0.0,) * len(layer_structure) if dropout_structure is None else tuple(dropout_structure),
             activate_output=activate_output,
@@ -363,7 +321,7 @@ class Hypernetwork(nn.Module):
     def _named_modules_by_width(self) -> list[tuple[int, str, HypernetworkModule]]:
         return [(width, role, module) for width, pair in self._pairs_by_width() for role, module in zip(_ROLES, pair)]
 
-    # Files
+    # Files (:mod:`.files`)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Hypernetwork:
@@ -373,214 +331,8 @@ class Hypernetwork(nn.Module):
             HypernetworkFileError: the file is malformed, unreadable, or would
                 need arbitrary code execution to unpickle (refused, not run).
         """
-        path = Path(path)
-        try:
-            hypernetwork = cls._from_contents(_read_file(path), default_name=path.stem)
-        except ValueError as error:
-            raise HypernetworkFileError(f"{path}: {error}") from error
-        hypernetwork.path = path
-        return hypernetwork
+        return files.load(cls, path)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Save as ``.pt`` (the web UI's format, which it loads) or ``.safetensors``, by suffix."""
-        path = Path(path)
-        metadata = self._metadata(default_name=path.stem)
-        if path.suffix == ".pt":
-            checkpoint: dict[object, object] = {
-                width: tuple(_to_web_ui_keys(module) for module in pair) for width, pair in self._pairs_by_width()
-            }
-            checkpoint.update(metadata)
-            torch.save(checkpoint, path)
-        elif path.suffix == ".safetensors":
-            tensors = {
-                f"{width}.{role}.{key}": _plain(tensor)
-                for width, role, module in self._named_modules_by_width()
-                for key, tensor in module.state_dict().items()
-            }
-            header = {key: json.dumps(value) for key, value in metadata.items()}
-            safetensors.torch.save_file(tensors, path, metadata=header)
-        else:
-            raise ValueError(f"cannot save a hypernetwork as {path.name!r}: use a .pt or .safetensors suffix")
-
-    def _metadata(self, default_name: str) -> dict[str, object]:
-        """The metadata the web UI writes, under its key names; both formats carry it."""
-        architecture = self.architecture
-        return {
-            "name": self.name or default_name,
-            "step": self.step,
-            "layer_structure": list(architecture.layer_structure),
-            "activation_func": architecture.activation,
-            "is_layer_norm": architecture.layer_norm,
-            "weight_initialization": self.weight_init,
-            "use_dropout": any(p > 0 for p in architecture.dropout_structure),
-            "dropout_structure": list(architecture.dropout_structure),
-            "last_layer_dropout": architecture.dropout_structure[-2] > 0,
-            "activate_output": architecture.activate_output,
-            "sd_checkpoint": self.sd_checkpoint,
-            "sd_checkpoint_name": self.sd_checkpoint_name,
-            "optional_info": self.optional_info,
-        }
-
-    @classmethod
-    def _from_contents(cls, contents: _FileContents, default_name: str) -> Hypernetwork:
-        metadata = contents.metadata
-        # Built on the meta device: every weight comes from the file, so none is allocated or initialised.
-        with torch.device("meta"):
-            hypernetwork = cls(widths=sorted(contents.pairs), **_architecture_arguments(metadata))
-        for width, role, module in hypernetwork._named_modules_by_width():
-            state = contents.pairs[width][_ROLES.index(role)]
-            module.load_state_dict(_checked_state_dict(module, state, f"width {width} {role} module"), assign=True)
-        # Recorded only (the weights come from the file), so any value the web UI wrote is kept.
-        hypernetwork.weight_init = metadata.get("weight_initialization", "Normal")
-        hypernetwork.name = _typed(metadata, "name", str, default_name)
-        hypernetwork.step = _typed(metadata, "step", int, 0)
-        hypernetwork.sd_checkpoint = metadata.get("sd_checkpoint")
-        hypernetwork.sd_checkpoint_name = metadata.get("sd_checkpoint_name")
-        hypernetwork.optional_info = metadata.get("optional_info")
-        return hypernetwork
-
-
-def _to_web_ui_keys(module: HypernetworkModule) -> dict[str, Tensor]:
-    """``module``'s state dict as the web UI names it (``linear.{index}.{param}``), ready to save."""
-    state = module.state_dict()
-    return {_WEB_UI_PREFIX + key.removeprefix(_NET_PREFIX): _plain(tensor) for key, tensor in state.items()}
-
-
-def _plain(tensor: Tensor) -> Tensor:
-    """A standalone CPU copy to write: no autograd, no storage shared with other tensors."""
-    return tensor.detach().to("cpu", copy=True).contiguous()
-
-
-def _typed(metadata: Mapping[str, object], key: str, kinds: type | tuple[type, ...], default: object) -> object:
-    """``metadata[key]``, or ``default`` when missing or None, checked to be one of ``kinds``
-    (a bool is not taken for an int)."""
-    value = metadata.get(key)
-    if value is None:
-        return default
-    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        raise ValueError(f"metadata {key!r} must be {' or '.join(kind.__name__ for kind in kinds)}, got {value!r}")
-    return value
-
-
-def _architecture_arguments(metadata: Mapping[str, object]) -> dict[str, object]:
-    """:class:`Hypernetwork` arguments for the architecture a file declares, with the web UI's
-    defaults for older files that lack keys (notably ``activate_output``: True)."""
-    layer_structure = _typed(metadata, "layer_structure", (list, tuple), DEFAULT_LAYER_STRUCTURE)
-    dropout_structure = _typed(metadata, "dropout_structure", (list, tuple), None)
-    if dropout_structure is None:
-        dropout_structure = dropout_structure_from_flags(
-            len(layer_structure),
-            use_dropout=_typed(metadata, "use_dropout", bool, False),
-            last_layer_dropout=_typed(metadata, "last_layer_dropout", bool, False),
-        )
-    return {
-        "layer_structure": layer_structure,
-        "activation": _typed(metadata, "activation_func", str, _NO_ACTIVATION),
-        "layer_norm": _typed(metadata, "is_layer_norm", bool, False),
-        "dropout_structure": dropout_structure,
-        "activate_output": _typed(metadata, "activate_output", bool, True),
-    }
-
-
-def _checked_state_dict(module: HypernetworkModule, state: Mapping[str, object], where: str) -> dict[str, Tensor]:
-    """``state`` as float32 tensors, once it has exactly the tensors ``module`` needs, of the right
-    shapes and finite; otherwise a ValueError naming the first problem."""
-    expected = {key: tuple(tensor.shape) for key, tensor in module.state_dict().items()}
-    architecture = f"layer_structure {list(module.architecture.layer_structure)} at width {module.width}"
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    if missing or unexpected:
-        listed = [f"{label} {keys}" for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
-        raise ValueError(
-            f"{where}: tensors do not match the declared architecture ({architecture}, activation "
-            f"{module.architecture.activation!r}, layer_norm {module.architecture.layer_norm}): {', '.join(listed)}"
-        )
-    checked = {}
-    for key, shape in expected.items():
-        tensor = state[key]
-        if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
-            raise ValueError(f"{where}: {key} is not a floating-point tensor")
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"{where}: {key} has shape {list(tensor.shape)}, but {architecture} needs {list(shape)}")
-        if not torch.isfinite(tensor).all():
-            raise ValueError(f"{where}: {key} contains NaN or infinite values")
-        checked[key] = tensor.to(torch.float32, copy=True).contiguous()
-    return checked
-
-
-# Reading files
-
-
-def _read_file(path: Path) -> _FileContents:
-    """Any supported file's contents, its format told from its first bytes (the suffix may lie)."""
-    with path.open("rb") as file:
-        head = file.read(9)
-    if not head:
-        raise ValueError("the file is empty")
-    # safetensors: a little-endian u64 header length, then the JSON header.
-    if len(head) == 9 and head[8:9] == b"{":
-        return _read_safetensors(path)
-    return _read_checkpoint(load_weights_only(path))
-
-
-def _read_checkpoint(checkpoint: object) -> _FileContents:
-    """Web UI and NovelAI ``.pt`` contents: int width keys hold (k, v) pairs, str keys metadata."""
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"expected a dict of width -> (k, v) state dicts, got a {type(checkpoint).__name__}")
-    pairs = {}
-    for width, pair in checkpoint.items():
-        if not isinstance(width, int) or isinstance(width, bool):
-            continue
-        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(isinstance(sd, Mapping) for sd in pair):
-            raise ValueError(f"width {width} must hold a pair (k, v) of state dicts, got {_describe(pair)}")
-        pairs[width] = tuple(_from_web_ui_keys(state) for state in pair)
-    if not pairs:
-        raise ValueError("no hypernetwork layers: no integer width key holding a (k, v) pair of state dicts")
-    metadata = {key: value for key, value in checkpoint.items() if isinstance(key, str)}
-    return _FileContents(metadata, pairs)
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, (tuple, list)):
-        return f"a {type(value).__name__} of {len(value)}: {[type(item).__name__ for item in value]}"
-    return f"a {type(value).__name__}"
-
-
-def _from_web_ui_keys(state: Mapping[str, object]) -> dict[str, object]:
-    """Rename a web UI (or NovelAI) module's keys to :class:`HypernetworkModule`'s.
-
-    Keys outside the web UI's naming are kept, so the check reports them as unexpected."""
-    renamed = {}
-    for key, tensor in state.items():
-        key = _NOVELAI_KEYS.get(key, key)
-        if isinstance(key, str) and key.startswith(_WEB_UI_PREFIX):
-            key = _NET_PREFIX + key.removeprefix(_WEB_UI_PREFIX)
-        renamed[key] = tensor
-    return renamed
-
-
-def _read_safetensors(path: Path) -> _FileContents:
-    try:
-        with safetensors.safe_open(path, framework="pt") as file:
-            header = file.metadata() or {}
-            tensors = {name: file.get_tensor(name) for name in file.keys()}
-    except safetensors.SafetensorError as error:
-        raise ValueError(f"truncated or corrupt safetensors file: {error}") from error
-    try:
-        metadata = {key: json.loads(value) for key, value in header.items()}
-    except json.JSONDecodeError as error:
-        raise ValueError(f"safetensors metadata is not JSON: {error}") from error
-    states: dict[int, dict[str, dict[str, object]]] = {}
-    for name, tensor in tensors.items():
-        match = _SAFETENSORS_NAME.fullmatch(name)
-        if match is None:
-            raise ValueError(f"tensor {name!r} is not named {{width}}.{{k|v}}.net.{{index}}.{{weight|bias}}")
-        states.setdefault(int(match["width"]), {}).setdefault(match["role"], {})[match["key"]] = tensor
-    if not states:
-        raise ValueError("no hypernetwork layers: the file holds no tensors")
-    for width, roles in states.items():
-        if set(roles) != set(_ROLES):
-            raise ValueError(f"width {width} lacks its pair: it has a {'/'.join(sorted(roles))} module only")
-    pairs = {width: (roles["k"], roles["v"]) for width, roles in states.items()}
-    return _FileContents(metadata, pairs)
+        files.save(self, path)

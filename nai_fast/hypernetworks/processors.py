@@ -20,40 +20,29 @@ order, each with its own strength, as the web UI's ``apply_hypernetworks`` does:
 Strength per call: pass ``cross_attention_kwargs={"hypernetwork_strength": s}``
 (:data:`STRENGTH_KWARG`) to the U-Net or the pipeline; ``s`` is one number for
 every hypernetwork or a sequence with one per hypernetwork. Without it, the
-strengths given to :func:`apply_hypernetworks` apply. A strength of 0 skips the
-module, so the layer computes exactly what stock diffusers computes.
+strengths given to :func:`apply_hypernetworks` apply. It is parsed once per U-Net
+forward, not in every layer. A strength of 0 skips the module, so the layer computes
+exactly what stock diffusers computes.
 
 Work done once, where the web UI redoes it in every layer at every step:
 
 1. **One module call per context per forward.** All cross-attention layers of a
    U-Net forward get the same context tensor; one module output is shared by all
-   of them (autograd included) through a table keyed by the tensor's identity (a
-   weak reference, so a freed tensor never matches), version counter, data
-   pointer, shape, dtype and device. A forward pre-hook on the U-Net clears the
-   table, so nothing is shared across forwards. With gradients enabled the hook
-   also computes the shared outputs, before any block runs, so that a
-   gradient-checkpointed block recomputes exactly the operations it first ran.
+   of them (autograd included) through a table keyed by the tensor's identity
+   (:mod:`.cache`). A forward pre-hook on the U-Net clears the table, so nothing
+   is shared across forwards. With gradients enabled the hook also computes the
+   shared outputs, before any block runs, so that a gradient-checkpointed block
+   recomputes exactly the operations it first ran.
 2. **Cross-attention K and V once per generation** (inference only). Each
-   cross-attention layer keeps its K and V for the last two contexts (46 MB a
-   context for SD 1.x in float32, CFG batch, 231 tokens). A context
-   is recognised across forwards by its *values*: the first sight of a tensor in
-   a forward is compared with ``torch.equal`` against a private copy of each
-   remembered context (same object, unmodified: no comparison needed). Samplers
-   that ``torch.cat`` the negative and positive contexts at every step make a
-   new tensor with the same values each step, which identity alone would miss;
-   a hash would cost the same full read and could collide, and ``torch.equal``
-   reads the context (2 x 231 x 768 values for SD 1.x with CFG) once per
-   forward, next to a U-Net that reads a thousand times more. K and V are
-   recomputed when the context's values, a strength, a hypernetwork's weights
-   or ``to_k``/``to_v``'s weights change (a weight is "changed" when its tensor
-   is replaced or moved, or modified in place as autograd's version counter
-   sees it: optimizer steps and ``load_state_dict`` are; ``param.data.add_()``
-   is not, nor anything done to tensors created under ``torch.inference_mode``).
+   cross-attention layer keeps its K and V for the last two contexts, recognised
+   by value, recomputed when the context's values, a strength, a hypernetwork's
+   weights or ``to_k``/``to_v``'s weights change (:mod:`.cache`).
 3. **Folding** (inference only). In self-attention the k/v input is new at every
    layer and step, so a module cannot be shared; but an affine module (only
    Linears and inactive Dropouts) folds into the projection:
    ``to_k(x + s (x A^T + b)) = x (W (I + s A))^T + (s W b + bias)``, several
-   hypernetworks first composing into one affine map. The composed map is built
+   hypernetworks first composing into one affine map (the arithmetic:
+   :func:`~.modules.compose_affine`, :func:`~.modules.fold_into`). The composed map is built
    once per width and strength set, the folded weights once per layer; they
    live in the processor (100 MB for SD 1.x in float32), so ``to_k``/``to_v``'s own
    parameters are never written: a saved or trained U-Net never sees folded
@@ -75,10 +64,10 @@ rewrites computes its K and V with ``hyper_kv`` (module and projection in two GE
 and a cross-attention layer over a prompt of up to 4 chunks attends with
 ``cross_attention``; elsewhere the eager path above runs (modules, ``to_k``/``to_v``, SDPA),
 with a logged reason where a structure cannot fuse (LayerNorm, deeper nets, Dropout while
-training, several hypernetworks at one width). Under ``auto`` each op runs only where the
-cost model predicts it faster on the GPU (:mod:`nai_fast.kernels.policy`); ``triton``
-forces them, which is how ``tests/test_kernel_unet.py`` checks a training step against the
-eager processors under Triton's interpreter. The shallow-layer penalty of a fused layer is
+training, several hypernetworks at one width). Which op runs where is
+:mod:`nai_fast.kernels.policy`'s choice: under ``auto`` only where the cost model predicts it
+faster on the GPU; ``triton`` forces them, which is how ``tests/test_kernel_unet.py`` checks
+a training step against the eager processors under Triton's interpreter. The shallow-layer penalty of a fused layer is
 measured with one extra module call on the detached input, as it is wherever that input
 carries a graph.
 
@@ -100,27 +89,25 @@ width 320, the shallowest blocks of SD 1.x, is penalised
 from __future__ import annotations
 
 import inspect
-import itertools
 import logging
 import math
-import weakref
-from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from numbers import Real
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import kernels
-from .modules import AffineMap, Hypernetwork, HypernetworkModule
-from ..kernels import MLP, kernel_mode, kernels_requested
+from .cache import ContextEntry, ContextTracker, KeyValueCache, Pair, Recipe
+from .modules import AffineMap, Hypernetwork, HypernetworkModule, compose_affine, fold_into
+from ..kernels import MLP, kernels_requested
 from ..kernels.hyper_kv import structure_not_supported_reasons
-from ..kernels.policy import cross_attention_pays, gpu_class, hyper_kv_pays
+from ..kernels.policy import takes_cross_attention, takes_hyper_kv
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
@@ -143,12 +130,6 @@ DEFAULT_PENALTY_WEIGHTS: Mapping[int, float] = MappingProxyType({320: 1.0})
 Strengths = float | Sequence[float]
 
 _INSTALLED = "_nai_fast_hypernetworks"  # the U-Net attribute holding what apply_hypernetworks installed
-# Contexts recognised across forwards, and K/V pairs each cross-attention layer keeps: 2 covers
-# samplers that run the negative and positive prompts as separate batches.
-_CONTEXTS_REMEMBERED = 2
-# Prompts of 1 to 4 chunks: the key sets the fused cross_attention op is built for (its K and
-# V stay on chip); longer contexts go to PyTorch's SDPA.
-FUSED_ATTENTION_MAX_KEYS = 4 * 77
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +172,7 @@ def apply_hypernetworks(
         raise ValueError(f"penalty weights must be finite and non-negative, got {dict(penalty_weights)}")
     installed = _Installed(
         hypernetworks=hypernetworks,
-        default_strengths=_parse_strengths(1.0 if strengths is None else strengths, len(hypernetworks)),
+        strengths=_parse_strengths(1.0 if strengths is None else strengths, len(hypernetworks)),
         penalty_weights=dict(penalty_weights),
         original_processors=unet.attn_processors,
         layers_see_the_context=getattr(unet, "encoder_hid_proj", None) is None
@@ -262,7 +243,7 @@ def installed_hypernetworks(unet: UNet2DConditionModel) -> list[tuple[Hypernetwo
     """The hypernetworks :func:`apply_hypernetworks` put on ``unet``, in order, each with its
     default strength (empty if none)."""
     installed = getattr(unet, _INSTALLED, None)
-    return [] if installed is None else list(zip(installed.hypernetworks, installed.default_strengths))
+    return [] if installed is None else list(zip(installed.hypernetworks, installed.strengths))
 
 
 def hypernetwork_penalty(unet: UNet2DConditionModel) -> Tensor:
@@ -287,160 +268,6 @@ def _parse_strengths(strengths: Strengths, count: int) -> tuple[float, ...]:
     return values
 
 
-# Recognising tensors
-
-
-def _version(tensor: Tensor) -> int | None:
-    """Autograd's count of in-place changes; None for inference tensors, which keep none."""
-    return None if tensor.is_inference() else tensor._version
-
-
-class _Identity(NamedTuple):
-    """A tensor as it was when seen: only the same object, not moved or modified in place since,
-    matches (a weak reference, so a freed tensor whose id and memory are reused never does)."""
-
-    ref: weakref.ReferenceType[Tensor]
-    data_ptr: int
-    version: int | None
-    shape: torch.Size
-    dtype: torch.dtype
-    device: torch.device
-
-    @classmethod
-    def of(cls, tensor: Tensor) -> _Identity:
-        return cls(weakref.ref(tensor), tensor.data_ptr(), _version(tensor), tensor.shape, tensor.dtype, tensor.device)
-
-    def matches(self, tensor: Tensor) -> bool:
-        return (
-            self.ref() is tensor
-            and self.data_ptr == tensor.data_ptr()
-            and self.version == _version(tensor)
-            and (self.shape, self.dtype, self.device) == (tensor.shape, tensor.dtype, tensor.device)
-        )
-
-
-@dataclass
-class _ContextEntry:
-    """What one forward knows about one context: a token shared by every context with the same
-    values (at inference), and the module outputs computed from it, with how they were computed."""
-
-    token: int
-    module_outputs: list[tuple[_Recipe, bool, tuple[Tensor, Tensor]]] = field(default_factory=list)
-
-
-class _RememberedContext(NamedTuple):
-    identity: _Identity
-    values: Tensor  # a private copy: the caller may change or free the original
-    token: int
-
-    def has_values_of(self, tensor: Tensor) -> bool:
-        values = self.values
-        return (values.shape, values.dtype, values.device) == (tensor.shape, tensor.dtype, tensor.device) and bool(
-            torch.equal(values, tensor)
-        )
-
-
-class _ContextTracker:
-    """Tells the contexts of a forward apart, and recognises known values across forwards."""
-
-    def __init__(self) -> None:
-        self._tokens = itertools.count()
-        self._this_forward: deque[tuple[_Identity, _ContextEntry]] = deque(maxlen=_CONTEXTS_REMEMBERED)
-        self._remembered: deque[_RememberedContext] = deque(maxlen=_CONTEXTS_REMEMBERED)
-
-    def start_forward(self) -> None:
-        self._this_forward.clear()
-
-    def entry(self, context: Tensor, by_value: bool) -> _ContextEntry:
-        """``context``'s entry in this forward. With ``by_value``, its token is that of a
-        remembered context with the same values, if any; otherwise the token is new."""
-        for identity, entry in self._this_forward:
-            if identity.matches(context):
-                return entry
-        entry = _ContextEntry(self._token_by_value(context) if by_value else next(self._tokens))
-        self._this_forward.append((_Identity.of(context), entry))
-        return entry
-
-    def _token_by_value(self, context: Tensor) -> int:
-        for remembered in self._remembered:
-            if remembered.identity.matches(context) or remembered.has_values_of(context):
-                return remembered.token
-        token = next(self._tokens)
-        self._remembered.append(_RememberedContext(_Identity.of(context), context.detach().clone(), token))
-        return token
-
-
-# What apply_hypernetworks installs
-
-
-class _Pair(NamedTuple):
-    """The modules one hypernetwork applies at one width, and its strength in this call."""
-
-    k: HypernetworkModule
-    v: HypernetworkModule
-    strength: float
-
-
-class _Recipe(NamedTuple):
-    """What a cached result was computed from: the strengths, and every tensor it read (the
-    modules' parameters, and those of ``to_k``/``to_v`` when given) as it was then."""
-
-    strengths: tuple[float, ...]
-    tensors: tuple[_Identity, ...]
-
-    @classmethod
-    def of(cls, pairs: Sequence[_Pair], attn: Attention | None = None) -> _Recipe:
-        return cls(tuple(pair.strength for pair in pairs), tuple(map(_Identity.of, _tensors_read(pairs, attn))))
-
-    def matches(self, pairs: Sequence[_Pair], attn: Attention | None = None) -> bool:
-        tensors = _tensors_read(pairs, attn)
-        return (
-            self.strengths == tuple(pair.strength for pair in pairs)
-            and len(self.tensors) == len(tensors)
-            and all(identity.matches(tensor) for identity, tensor in zip(self.tensors, tensors))
-        )
-
-
-def _tensors_read(pairs: Sequence[_Pair], attn: Attention | None) -> list[Tensor]:
-    tensors = [tensor for pair in pairs for module in (pair.k, pair.v) for tensor in module.parameters()]
-    if attn is not None:
-        projections = (attn.to_k.weight, attn.to_k.bias, attn.to_v.weight, attn.to_v.bias)
-        tensors += [tensor for tensor in projections if tensor is not None]
-    return tensors
-
-
-def _compose_affine(pairs: Sequence[_Pair], dtype: torch.dtype) -> tuple[AffineMap, AffineMap]:
-    """For k and v, ``(D, c)`` with ``h_n(...h_1(x)) = x + x @ D.T + c``, all modules affine.
-
-    Applying ``h(x) = x + s (x A^T + b)`` after ``x + x D^T + c`` gives
-    ``D <- D + s A (I + D)`` and ``c <- c + s (A c + b)``.
-    """
-    composed = []
-    for role in ("k", "v"):
-        width = getattr(pairs[0], role).width
-        delta = torch.zeros(width, width, dtype=dtype, device=pairs[0].k.net[0].weight.device)
-        shift = delta.new_zeros(width)
-        for pair in pairs:
-            matrix, bias = getattr(pair, role).affine_map(dtype)
-            delta = delta + pair.strength * (matrix + matrix @ delta)
-            shift = shift + pair.strength * (matrix @ shift + bias)
-        composed.append(AffineMap(delta, shift))
-    return composed[0], composed[1]
-
-
-def _fold(linear: nn.Linear, composed: AffineMap) -> tuple[Tensor, Tensor]:
-    """Weight and bias of ``x -> linear(x + x @ D.T + c)``, in ``linear``'s dtype."""
-    weight = linear.weight
-    dtype = torch.promote_types(weight.dtype, composed.matrix.dtype)
-    projection = weight.to(dtype)
-    # W + W D rather than W (I + D): the small term is rounded on its own scale.
-    folded_weight = projection + projection @ composed.matrix.to(dtype)
-    folded_bias = projection @ composed.bias.to(dtype)
-    if linear.bias is not None:
-        folded_bias = folded_bias + linear.bias.to(dtype)
-    return folded_weight.to(weight.dtype), folded_bias.to(weight.dtype)
-
-
 def _is_bare_linear(module: nn.Module) -> bool:
     """A plain ``nn.Linear`` whose call computes only ``F.linear(x, weight, bias)``."""
     return (
@@ -451,7 +278,7 @@ def _is_bare_linear(module: nn.Module) -> bool:
     )
 
 
-def _hyper_kv_reasons(attn: Attention, x: Tensor, pairs: Sequence[_Pair]) -> list[str]:
+def _hyper_kv_reasons(attn: Attention, x: Tensor, pairs: Sequence[Pair]) -> list[str]:
     """Why the fused ``hyper_kv`` op cannot compute this layer's keys and values (empty: it can)."""
     if len(pairs) != 1:
         return [f"{len(pairs)} hypernetworks compose at width {x.shape[-1]}; the op fuses one"]
@@ -470,31 +297,6 @@ def _hyper_kv_reasons(attn: Attention, x: Tensor, pairs: Sequence[_Pair]) -> lis
     if module_dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
         reasons.append(f"the hypernetwork is {module_dtype} and the layer {x.dtype} (eager runs each in its own)")
     return reasons
-
-
-def _hyper_kv_pays(attn: Attention, x: Tensor, pair: _Pair, dtype: torch.dtype) -> bool:
-    """Whether the fused op should compute this layer's K and V: always when forced, else where
-    the cost model predicts it faster on this GPU (:mod:`nai_fast.kernels.policy`)."""
-    if kernel_mode() == "triton":
-        return True
-    tokens, width = x.numel() // x.shape[-1], x.shape[-1]
-    hidden_width = pair.k.net[0].out_features
-    backward = torch.is_grad_enabled()
-    return hyper_kv_pays(
-        tokens, width, hidden_width, attn.to_k.out_features, dtype.itemsize, pair.k.architecture.activation,
-        backward, gpu_class(x.device),
-    )  # fmt: skip
-
-
-def _cross_attention_pays(query: Tensor, key: Tensor) -> bool:
-    """Whether the fused op should run this cross-attention (see :func:`_hyper_kv_pays`)."""
-    if kernel_mode() == "triton":
-        return True
-    batch, heads, query_length, head_dim = query.shape
-    backward = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
-    return cross_attention_pays(
-        batch, heads, query_length, key.shape[2], head_dim, query.dtype.itemsize, backward, gpu_class(query.device)
-    )
 
 
 @cache
@@ -516,15 +318,17 @@ class _Installed:
     """The hypernetworks on one U-Net and the state its processors share."""
 
     hypernetworks: tuple[Hypernetwork, ...]
-    default_strengths: tuple[float, ...]
+    strengths: tuple[float, ...]  # as applied; a call's hypernetwork_strength overrides them
     penalty_weights: dict[int, float]
     original_processors: dict[str, Any]
     layers_see_the_context: bool  # the U-Net hands encoder_hidden_states to its layers unchanged
     hook: torch.utils.hooks.RemovableHandle | None = None
-    contexts: _ContextTracker = field(default_factory=_ContextTracker)
+    contexts: ContextTracker = field(default_factory=ContextTracker)
     penalty: Tensor | None = None
+    # this forward's hypernetwork_strength and its parse, shared by every layer
+    _call_strengths: tuple[object, tuple[float, ...]] | None = None
     # width -> the composed k and v maps for folding, and their recipe
-    _composed: dict[int, tuple[_Recipe, tuple[AffineMap, AffineMap]]] = field(default_factory=dict)
+    _composed: dict[int, tuple[Recipe, tuple[AffineMap, AffineMap]]] = field(default_factory=dict)
 
     def start_forward(self, unet: nn.Module, args: tuple[object, ...], kwargs: dict[str, Any]) -> None:
         """The U-Net's forward pre-hook: a new forward shares nothing with the last one.
@@ -536,37 +340,44 @@ class _Installed:
         """
         self.contexts.start_forward()
         self.penalty = None
+        self._call_strengths = None
         if not (torch.is_grad_enabled() and self.layers_see_the_context):
             return
         arguments = inspect.signature(unet.forward).bind_partial(*args, **kwargs).arguments
         context = arguments.get("encoder_hidden_states")
         if context is None:
             return
-        requested = (arguments.get("cross_attention_kwargs") or {}).get(STRENGTH_KWARG)
-        pairs = self.active_pairs(context.shape[-1], self.strengths(requested))
+        hypernetwork_strength = (arguments.get("cross_attention_kwargs") or {}).get(STRENGTH_KWARG)
+        pairs = self.active_pairs(context.shape[-1], self.strengths_of_call(hypernetwork_strength))
         if pairs:
             self.run_shared(self.contexts.entry(context, by_value=False), context, pairs)
 
-    def strengths(self, requested: Strengths | None) -> tuple[float, ...]:
-        if requested is None:
-            return self.default_strengths
-        return _parse_strengths(requested, len(self.hypernetworks))
+    def strengths_of_call(self, hypernetwork_strength: Strengths | None) -> tuple[float, ...]:
+        """The strengths a call applies: the applied ones, or its ``hypernetwork_strength``
+        (:data:`STRENGTH_KWARG`) parsed once per forward: the first layer (or the pre-hook)
+        parses it, the others get the same value object and reuse the parse."""
+        if hypernetwork_strength is None:
+            return self.strengths
+        if self._call_strengths is None or self._call_strengths[0] is not hypernetwork_strength:
+            parsed = _parse_strengths(hypernetwork_strength, len(self.hypernetworks))
+            self._call_strengths = (hypernetwork_strength, parsed)
+        return self._call_strengths[1]
 
-    def active_pairs(self, width: int, strengths: tuple[float, ...]) -> list[_Pair]:
+    def active_pairs(self, width: int, strengths: tuple[float, ...]) -> list[Pair]:
         """The module pairs to apply, in order, to a k/v input of ``width`` features."""
         pairs = []
         for hypernetwork, strength in zip(self.hypernetworks, strengths):
             modules = hypernetwork.modules_for(width)
             if modules is not None and strength != 0:
-                pairs.append(_Pair(*modules, strength))
+                pairs.append(Pair(*modules, strength))
         return pairs
 
     @staticmethod
-    def reuse_allowed(pairs: Sequence[_Pair]) -> bool:
+    def reuse_allowed(pairs: Sequence[Pair]) -> bool:
         """Whether results may outlive the forward: no gradients, no active Dropout."""
         return not torch.is_grad_enabled() and not any(pair.k.training or pair.v.training for pair in pairs)
 
-    def run(self, x: Tensor, pairs: Sequence[_Pair]) -> tuple[Tensor, Tensor]:
+    def run(self, x: Tensor, pairs: Sequence[Pair]) -> tuple[Tensor, Tensor]:
         """The inputs of ``to_k`` and ``to_v``: each pair's modules applied to ``x`` in turn."""
         k_input = v_input = x
         for pair in pairs:
@@ -574,7 +385,7 @@ class _Installed:
             v_input = self._apply_module(pair.v, v_input, pair.strength)
         return k_input, v_input
 
-    def run_shared(self, entry: _ContextEntry, x: Tensor, pairs: Sequence[_Pair]) -> tuple[Tensor, Tensor]:
+    def run_shared(self, entry: ContextEntry, x: Tensor, pairs: Sequence[Pair]) -> tuple[Tensor, Tensor]:
         """:meth:`run`, computed once per forward for the context ``entry`` describes."""
         # Outputs computed without gradients never serve a pass that needs them.
         grad_enabled = torch.is_grad_enabled()
@@ -582,7 +393,7 @@ class _Installed:
             if computed_with_grad == grad_enabled and recipe.matches(pairs):
                 return outputs
         outputs = self.run(x, pairs)
-        entry.module_outputs.append((_Recipe.of(pairs), grad_enabled, outputs))
+        entry.module_outputs.append((Recipe.of(pairs), grad_enabled, outputs))
         return outputs
 
     def _apply_module(self, module: HypernetworkModule, x: Tensor, strength: float) -> Tensor:
@@ -606,12 +417,15 @@ class _Installed:
         term = penalty_weight * residual.float().square().mean()
         self.penalty = term if self.penalty is None else self.penalty + term
 
-    def composed(self, width: int, pairs: Sequence[_Pair]) -> tuple[AffineMap, AffineMap]:
+    def composed(self, width: int, pairs: Sequence[Pair]) -> tuple[AffineMap, AffineMap]:
         """The affine pairs' composed maps for k and v, built once per width, weights and strengths."""
         cached = self._composed.get(width)
         if cached is None or not cached[0].matches(pairs):
             dtype = torch.promote_types(pairs[0].k.net[0].weight.dtype, torch.float32)
-            cached = self._composed[width] = (_Recipe.of(pairs), _compose_affine(pairs, dtype))
+            maps = tuple(
+                compose_affine([(getattr(pair, role), pair.strength) for pair in pairs], dtype) for role in "kv"
+            )
+            cached = self._composed[width] = (Recipe.of(pairs), maps)
         return cached[1]
 
 
@@ -628,9 +442,8 @@ class HypernetworkAttnProcessor:
 
     def __init__(self, installed: _Installed) -> None:
         self._installed = installed
-        # context token -> (recipe, key, value), the most recent last
-        self._cached_key_values: OrderedDict[int, tuple[_Recipe, Tensor, Tensor]] = OrderedDict()
-        self._folded: tuple[_Recipe, tuple[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
+        self._key_values = KeyValueCache()
+        self._folded: tuple[Recipe, tuple[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
 
     def __call__(
         self,
@@ -670,7 +483,7 @@ class HypernetworkAttnProcessor:
         else:
             key_value_input = encoder_hidden_states
 
-        strengths = self._installed.strengths(hypernetwork_strength)
+        strengths = self._installed.strengths_of_call(hypernetwork_strength)
         key, value = self.key_value(attn, key_value_input, is_cross_attention, strengths)
         hidden_states = self.attention(attn, query, key, value, attention_mask)
 
@@ -722,13 +535,7 @@ class HypernetworkAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        if (
-            attn.is_cross_attention
-            and attention_mask is None
-            and key.shape[2] <= FUSED_ATTENTION_MAX_KEYS
-            and kernels_requested(query.device)
-            and _cross_attention_pays(query, key)
-        ):
+        if attn.is_cross_attention and takes_cross_attention(query, key, attention_mask):
             hidden_states = kernels.cross_attention(query, key, value)
         else:
             hidden_states = F.scaled_dot_product_attention(
@@ -737,7 +544,7 @@ class HypernetworkAttnProcessor:
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         return hidden_states.to(query.dtype)
 
-    def _fused_key_value(self, attn: Attention, x: Tensor, pairs: list[_Pair]) -> tuple[Tensor, Tensor] | None:
+    def _fused_key_value(self, attn: Attention, x: Tensor, pairs: list[Pair]) -> tuple[Tensor, Tensor] | None:
         """Self-attention's keys and values through the fused ``hyper_kv`` op; None (the reason
         logged once) where it cannot take this layer's modules."""
         reasons = _hyper_kv_reasons(attn, x, pairs)
@@ -748,7 +555,8 @@ class HypernetworkAttnProcessor:
         # Under autocast the op runs in autocast's dtype, as the Linears it replaces would.
         device_type = x.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-        if not _hyper_kv_pays(attn, x, pair, dtype):
+        hidden_width, activation = pair.k.net[0].out_features, pair.k.architecture.activation
+        if not takes_hyper_kv(x, hidden_width, attn.to_k.out_features, dtype, activation):
             return None
         key, value = kernels.hyper_kv(
             x.to(dtype), attn.to_k.weight.to(dtype), attn.to_v.weight.to(dtype), _mlp(pair.k, dtype),
@@ -760,30 +568,27 @@ class HypernetworkAttnProcessor:
         return key, value
 
     def _cross_attention_key_value(
-        self, attn: Attention, context: Tensor, pairs: list[_Pair], reusable: bool
+        self, attn: Attention, context: Tensor, pairs: list[Pair], reusable: bool
     ) -> tuple[Tensor, Tensor]:
         installed = self._installed
         entry = installed.contexts.entry(context, by_value=reusable)
         if not reusable:
             k_input, v_input = installed.run_shared(entry, context, pairs)
             return attn.to_k(k_input), attn.to_v(v_input)
-        cached = self._cached_key_values.get(entry.token)
-        if cached is not None and cached[0].matches(pairs, attn):
-            return cached[1], cached[2]
+        cached = self._key_values.get(entry.token, pairs, attn)
+        if cached is not None:
+            return cached
         k_input, v_input = installed.run_shared(entry, context, pairs)
         key, value = attn.to_k(k_input), attn.to_v(v_input)
-        self._cached_key_values[entry.token] = (_Recipe.of(pairs, attn), key, value)
-        self._cached_key_values.move_to_end(entry.token)
-        if len(self._cached_key_values) > _CONTEXTS_REMEMBERED:
-            self._cached_key_values.popitem(last=False)
+        self._key_values.put(entry.token, pairs, attn, key, value)
         return key, value
 
     def _folded_projections(
-        self, attn: Attention, width: int, pairs: list[_Pair]
+        self, attn: Attention, width: int, pairs: list[Pair]
     ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
         """``(weight, bias)`` of ``to_k`` and ``to_v`` with the affine pairs folded in, refolded
         whenever the pairs or the projections change."""
         if self._folded is None or not self._folded[0].matches(pairs, attn):
             k_map, v_map = self._installed.composed(width, pairs)
-            self._folded = (_Recipe.of(pairs, attn), _fold(attn.to_k, k_map), _fold(attn.to_v, v_map))
+            self._folded = (Recipe.of(pairs, attn), fold_into(attn.to_k, k_map), fold_into(attn.to_v, v_map))
         return self._folded[1], self._folded[2]

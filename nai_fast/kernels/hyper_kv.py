@@ -49,7 +49,7 @@ products on CUDA cores, not TF32, as eager float32 does. Under Triton's interpre
 run on float32 copies (see cross_attention.LaunchConfig: its bfloat16 dots are wrong).
 
 Which structures fuse: exactly two Linears, an activation of :data:`FUSED_ACTIVATIONS`
-between them (or none), no LayerNorm, no active Dropout, no activation on the output; the
+(derived from the web UI's names in :mod:`.activations`) between them (or none), no LayerNorm, no active Dropout, no activation on the output; the
 caller asks :func:`structure_not_supported_reasons` with the module's description.
 """
 
@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import SUPPORTED_DTYPES, dtype_reasons, is_interpreted, platform_reasons, tl, triton
+from .activations import ACTIVATIONS, FUSED_ACTIVATIONS, NO_ACTIVATION
 from .cross_attention import _dot
 
 __all__ = [
@@ -75,19 +76,6 @@ __all__ = [
     "structure_not_supported_reasons",
 ]
 
-# Web UI activation names -> what the kernels compute. In web UI files "swish" is Hardswish.
-FUSED_ACTIVATIONS = {
-    "linear": "linear",
-    "relu": "relu",
-    "leakyrelu": "leakyrelu",
-    "elu": "elu",
-    "gelu": "gelu",
-    "silu": "silu",
-    "swish": "hardswish",
-    "hardswish": "hardswish",
-    "tanh": "tanh",
-    "sigmoid": "sigmoid",
-}
 ALIGNMENT = 16  # widths the GPU kernels take: SD's 320, 640, 768, 1280 and their hidden widths
 _LEAKY_SLOPE = tl.constexpr(0.01)  # nn.LeakyReLU's default, which the web UI uses
 _SQRT_HALF = tl.constexpr(0.7071067811865476)
@@ -496,22 +484,9 @@ def structure_not_supported_reasons(
         reasons.append("LayerNorm after the Linears is not fused")
     if dropout_active:
         reasons.append("Dropout in training mode is not fused")
-    if activate_output and activation != "linear":
+    if activate_output and activation != NO_ACTIVATION:
         reasons.append("an activation after the last Linear is not fused")
     return reasons
-
-
-_REFERENCE_ACTIVATIONS = {
-    "linear": lambda pre: pre,
-    "relu": F.relu,
-    "leakyrelu": F.leaky_relu,
-    "elu": F.elu,
-    "gelu": F.gelu,
-    "silu": F.silu,
-    "hardswish": F.hardswish,
-    "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid,
-}
 
 
 def hyper_kv_reference(
@@ -543,7 +518,8 @@ def hyper_kv_reference(
         op by op as the web UI's modules and ``to_k``/``to_v`` do; differentiable in every tensor.
     """
     _check_arguments(x, k_weight, v_weight, k_mlp, v_mlp, activation, k_bias, v_bias)
-    act = _REFERENCE_ACTIVATIONS[FUSED_ACTIVATIONS[activation]]
+    # The web UI's module for the name (as its files mean it), with its default arguments.
+    act = (lambda pre: pre) if activation == NO_ACTIVATION else ACTIVATIONS[activation]()
 
     def project(weight: torch.Tensor, mlp: MLP, bias: torch.Tensor | None) -> torch.Tensor:
         net = F.linear(act(F.linear(x, mlp.w1, mlp.b1)), mlp.w2, mlp.b2)
