@@ -1,5 +1,8 @@
 """The ``nai-fast`` command line.
 
+Long because each subcommand's options and early input checks live here, importing no torch;
+the train options themselves come from TrainConfig's fields (engine/config.py).
+
 Each subcommand imports what it needs when it runs, so ``nai-fast --help``
 stays instant.
 """

@@ -1,5 +1,8 @@
 """The inference engine: txt2img with classifier-free guidance, and PNGs that say how they were made.
 
+Long because txt2img, its samplers and seeds, and the PNG parameters text (which both tools
+must read and write field for field) belong together; the parameters text is the next cut.
+
 :func:`txt2img` ``(model, prompt, *, negative_prompt="", width=None, height=None, steps=28,
 guidance_scale=11.0, seed=0, sampler="euler_a", clip_skip=2, batch_size=1, encoder=None,
 embeddings=None, progress=True) -> list[GeneratedImage]`` generates with a

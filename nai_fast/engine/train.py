@@ -1,5 +1,9 @@
 """The training engine: hypernetwork training (default) or U-Net fine-tuning on a folder of tagged images.
 
+Long because the run's setup, loop and step math read as one story; the config, distributed
+session, checkpoint, log, captions and stop handling are already their own modules, and the
+EMA and the denoiser wrapper are the next cuts.
+
 ``train(TrainConfig(...)) -> TrainResult``; ``nai-fast train`` maps its options onto
 :class:`TrainConfig`. One step:
 

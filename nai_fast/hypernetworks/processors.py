@@ -1,5 +1,8 @@
 """Hypernetworks on a diffusers U-Net, as attention processors, doing each piece of work once.
 
+Long because the processor and apply/remove share the installed state, and its module doc
+explains every cache and fold; caches, folding arithmetic and file formats live beside it.
+
 :func:`apply_hypernetworks` installs a :class:`HypernetworkAttnProcessor` on every
 attention layer of a ``UNet2DConditionModel``. The processor is diffusers'
 ``AttnProcessor2_0`` (spatial and group norm, masks, residual connection and

@@ -1,5 +1,8 @@
 """Roofline cost of fused kernels against the eager PyTorch they replace.
 
+Long because it models every op's fused, minimal and eager traffic side by side, op by op, so
+the tests can check the eager counts against what autograd runs.
+
 A :class:`Cost` counts what a computation asks of a GPU: HBM bytes, FLOPs on CUDA cores and
 on tensor cores, and kernel launches. Its :meth:`Cost.time_floor` on a :class:`Device` is the
 slowest of the three at peak rate, so a fused kernel's speed-up over the eager sequence can

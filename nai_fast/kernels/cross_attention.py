@@ -1,5 +1,8 @@
 """Cross-attention of many queries against a short key set, fused (flash-attention style).
 
+Long because a kernel file holds its Triton kernels (forward and two backward), autograd
+Function, op and eager reference together (DESIGN.md).
+
 In Stable Diffusion's cross-attention, image tokens (up to 16k queries a head) attend to the
 prompt's tokens: 77 to 308 keys (1 to 4 chunks of 77), head dims 40, 64, 80 or 160. This op
 computes, per (batch, head),

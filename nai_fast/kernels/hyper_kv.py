@@ -1,5 +1,8 @@
 """Hypernetwork-rewritten key and value projections, fused: ``K = h_k(x) Wk^T``, ``V = h_v(x) Wv^T``.
 
+Long because a kernel file holds its Triton kernels, autograd Function, op and eager
+reference together (DESIGN.md), and this op has two kernels and a backward.
+
 A hypernetwork module (web UI layout, ``layer_structure`` ``[1, m, 1]``) rewrites the k/v
 input of an attention layer as ``x + s * net(x)`` with ``net(x) = act(x W1^T + b1) W2^T + b2``;
 the layer then projects it. Per net this op computes, for x of width C, H = m C hidden units

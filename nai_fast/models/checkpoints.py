@@ -1,5 +1,8 @@
 """Model files: diffusers folders and single-file checkpoints in the original layout.
 
+Long because the original single-file layout needs its inverse key mapping, family detection
+from shapes and strict loading; the one concept is a model's file formats.
+
 The file formats of models (:func:`nai_fast.models.load.load_model` reads through them). Formats:
 
 * **diffusers folder**: ``model_index.json`` with ``unet/``, ``vae/``, ``text_encoder/``,

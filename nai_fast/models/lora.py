@@ -1,5 +1,8 @@
 """LoRA files for SD 1.x (U-Net and text encoder), merged into working copies of the weights.
 
+Long because three file layouts (kohya/web UI, diffusers, PEFT) with their key mappings and
+refusals, and the merge/restore of working copies, are one concept: a LoRA on a model.
+
 :func:`load_lora` reads a file in any of the layouts in use:
 
 - **kohya / the web UI** (``.safetensors``, or ``.pt``): ``lora_unet_<path>`` and ``lora_te_<path>``

@@ -1,5 +1,8 @@
 """Prompt text front end: emphasis syntax -> weighted runs -> 75-token chunks.
 
+Long because the three emphasis syntaxes, tokenizing runs (embeddings included) and chunking
+share one data model (runs, chunks, breaks) and the web UI's rules at chunk borders.
+
 Pure Python (no torch, no transformers). The pipeline is::
 
     runs = parse(text, syntax="a1111")                  # [(text, weight) | BREAK, ...]
