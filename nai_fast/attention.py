@@ -73,7 +73,8 @@ and a cross-attention layer over a prompt of up to 4 chunks attends with
 ``cross_attention``; elsewhere the eager path above runs (modules, ``to_k``/``to_v``, SDPA),
 with a logged reason where a structure cannot fuse (LayerNorm, deeper nets, Dropout while
 training, several hypernetworks at one width). Under ``auto`` each op runs only where the
-cost model predicts it faster on the GPU (:mod:`nai_fast.kernels.policy`); ``triton``
+GPU class's measurements, or for a class never measured the cost model, say it is faster
+(:mod:`nai_fast.kernels.policy`); ``triton``
 forces them, which is how ``tests/test_kernel_unet.py`` checks a training step against the
 eager processors under Triton's interpreter. The shallow-layer penalty of a fused layer is
 measured with one extra module call on the detached input, as it is wherever that input
@@ -117,7 +118,7 @@ from . import kernels
 from .hypernetwork import AffineMap, Hypernetwork, HypernetworkModule
 from .kernels import MLP, kernel_mode, kernels_requested
 from .kernels.hyper_kv import structure_not_supported_reasons
-from .kernels.policy import cross_attention_pays, gpu_class, hyper_kv_pays
+from .kernels.policy import use_cross_attention, use_hyper_kv
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
@@ -412,15 +413,16 @@ def _hyper_kv_reasons(attn: Attention, x: Tensor, pairs: Sequence[_Pair]) -> lis
 
 def _hyper_kv_pays(attn: Attention, x: Tensor, pair: _Pair, dtype: torch.dtype) -> bool:
     """Whether the fused op should compute this layer's K and V: always when forced, else where
-    the cost model predicts it faster on this GPU (:mod:`nai_fast.kernels.policy`)."""
+    this GPU class's measurements, or for a class never measured the cost model, say it is
+    faster (:mod:`nai_fast.kernels.policy`)."""
     if kernel_mode() == "triton":
         return True
     tokens, width = x.numel() // x.shape[-1], x.shape[-1]
     hidden_width = pair.k.net[0].out_features
     backward = torch.is_grad_enabled()
-    return hyper_kv_pays(
+    return use_hyper_kv(
         tokens, width, hidden_width, attn.to_k.out_features, dtype.itemsize, pair.k.architecture.activation,
-        backward, gpu_class(x.device),
+        backward, x.device,
     )  # fmt: skip
 
 
@@ -430,8 +432,8 @@ def _cross_attention_pays(query: Tensor, key: Tensor) -> bool:
         return True
     batch, heads, query_length, head_dim = query.shape
     backward = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
-    return cross_attention_pays(
-        batch, heads, query_length, key.shape[2], head_dim, query.dtype.itemsize, backward, gpu_class(query.device)
+    return use_cross_attention(
+        batch, heads, query_length, key.shape[2], head_dim, query.dtype.itemsize, backward, query.device
     )
 
 

@@ -1,10 +1,16 @@
 """Where the attention processors take a fused kernel under ``NAI_FAST_KERNELS=auto``.
 
-A kernel runs where the cost model (:mod:`.cost`) predicts it at least as fast as the path
-it replaces, at the peak rates of the GPU's class: A100 figures for compute capability 8.x,
-H100 figures for 9.x and later. These are predictions from roofline floors, not
-measurements; ``benchmarks/`` measures both paths where a GPU is present.
+Measurements first: on a GPU class (compute capability, ``"sm_90"``) that the GPU check has
+measured (:mod:`.measured`), a kernel runs only where the measured table says it is at
+least as fast as the path it replaces, at the nearest timed shape; a shape the table has
+nothing near runs the replaced path. On a class never measured, the cost model
+(:mod:`.cost`) decides: a kernel runs where it is predicted at least as fast, at the peak
+rates of the class (A100 figures for compute capability 8.x, H100 figures for 9.x and
+later). :func:`use_hyper_kv` and :func:`use_cross_attention` decide;
+:func:`hyper_kv_choice` and :func:`cross_attention_choice` also say on what grounds.
 ``NAI_FAST_KERNELS=triton`` skips the policy and takes the kernels everywhere.
+
+The predictions (:func:`hyper_kv_pays`, :func:`cross_attention_pays`):
 
 - ``hyper_kv``: by the model, its two-kernel design wins at width 320 (the first U-Net
   level, the most tokens) on both classes, and loses at 1280, where folding the second
@@ -18,18 +24,123 @@ measurements; ``benchmarks/`` measures both paths where a GPU is present.
 from __future__ import annotations
 
 from functools import cache
+from typing import NamedTuple
 
 import torch
 
+from . import measured
 from .cost import A100, H100_SXM, Device, cross_attention_cost, hyper_kv_cost
 
-__all__ = ["cross_attention_pays", "gpu_class", "hyper_kv_pays"]
+__all__ = [
+    "Choice",
+    "cross_attention_choice",
+    "cross_attention_pays",
+    "gpu_class",
+    "gpu_class_name",
+    "hyper_kv_choice",
+    "hyper_kv_pays",
+    "use_cross_attention",
+    "use_hyper_kv",
+]
 
 
 def gpu_class(device: torch.device) -> Device:
     """The peak rates the policy assumes for ``device`` (a CUDA device)."""
     major, _ = torch.cuda.get_device_capability(device)
     return H100_SXM if major >= 9 else A100
+
+
+def gpu_class_name(device: torch.device) -> str:
+    """The class a measured table files ``device`` under: ``"sm_90"`` for compute capability 9.0."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+def _rates_of_class(name: str) -> Device:
+    return H100_SXM if int(name.removeprefix("sm_")[:-1] or 0) >= 9 else A100
+
+
+class Choice(NamedTuple):
+    """Whether ``auto`` takes the kernel, and on what grounds."""
+
+    fused: bool
+    grounds: str  # e.g. "measured on sm_90 (NVIDIA H200): 41.0 vs 55.2 us (sdpa)", "predicted (H100 SXM rates)"
+
+
+def _measured_choice(table: measured.MeasuredTable, gpu_class: str, op: str, backward: bool, sizes: dict) -> Choice | None:
+    """The table's verdict where ``gpu_class`` was measured; None where it never was."""
+    if not table.measured(gpu_class):
+        return None
+    card = table.sources.get(gpu_class, {}).get("card", gpu_class)
+    timing = table.nearest(gpu_class, op, backward, sizes)
+    if timing is None:
+        return Choice(False, f"not measured near this shape on {gpu_class} ({card}): the replaced path")
+    return Choice(
+        timing.fused_wins,
+        f"measured on {gpu_class} ({card}): {timing.fused_ms * 1e3:.1f} vs {timing.baseline_ms * 1e3:.1f} us "
+        f"({timing.baseline}) at {dict(timing.shape)}",
+    )
+
+
+def hyper_kv_choice(
+    tokens: int, width: int, hidden_width: int, out_width: int, dtype_bytes: int, activation: str, backward: bool,
+    gpu_class: str, table: measured.MeasuredTable | None = None,
+) -> Choice:  # fmt: skip
+    """Whether ``auto`` runs ``hyper_kv`` on ``gpu_class`` (``"sm_90"``), by ``table``'s
+    measurements (default: :func:`measured.table`) or, for a class never measured, by the
+    cost model. The activation does not enter the table's match: it costs little beside the GEMMs."""
+    return _hyper_kv_choice(table or measured.table(), tokens, width, hidden_width, out_width, dtype_bytes,
+                            activation, backward, gpu_class)  # fmt: skip
+
+
+@cache
+def _hyper_kv_choice(table, tokens, width, hidden_width, out_width, dtype_bytes, activation, backward, gpu_class) -> Choice:
+    sizes = dict(tokens=tokens, width=width, hidden_width=hidden_width, out_width=out_width, dtype_bytes=dtype_bytes)
+    found = _measured_choice(table, gpu_class, "hyper_kv", backward, sizes)
+    if found is not None:
+        return found
+    rates = _rates_of_class(gpu_class)
+    fused = hyper_kv_pays(tokens, width, hidden_width, out_width, dtype_bytes, activation, backward, rates)
+    return Choice(fused, f"predicted ({rates.name} rates; {gpu_class} never measured)")
+
+
+def cross_attention_choice(
+    batch: int, heads: int, query_length: int, key_length: int, head_dim: int, dtype_bytes: int, backward: bool,
+    gpu_class: str, table: measured.MeasuredTable | None = None,
+) -> Choice:  # fmt: skip
+    """Whether ``auto`` runs ``cross_attention`` on ``gpu_class`` (see :func:`hyper_kv_choice`);
+    the table matches batch x queries as one size, the key count as another."""
+    return _cross_attention_choice(table or measured.table(), batch, heads, query_length, key_length, head_dim,
+                                   dtype_bytes, backward, gpu_class)  # fmt: skip
+
+
+@cache
+def _cross_attention_choice(table, batch, heads, query_length, key_length, head_dim, dtype_bytes, backward, gpu_class) -> Choice:
+    sizes = dict(queries=batch * query_length, key_length=key_length, heads=heads, head_dim=head_dim, dtype_bytes=dtype_bytes)
+    found = _measured_choice(table, gpu_class, "cross_attention", backward, sizes)
+    if found is not None:
+        return found
+    rates = _rates_of_class(gpu_class)
+    fused = cross_attention_pays(batch, heads, query_length, key_length, head_dim, dtype_bytes, backward, rates)
+    return Choice(fused, f"predicted ({rates.name} rates; {gpu_class} never measured)")
+
+
+def use_hyper_kv(
+    tokens: int, width: int, hidden_width: int, out_width: int, dtype_bytes: int, activation: str, backward: bool,
+    device: torch.device,
+) -> bool:  # fmt: skip
+    """Whether ``auto`` runs ``hyper_kv`` for this call on ``device`` (a CUDA device)."""
+    return hyper_kv_choice(tokens, width, hidden_width, out_width, dtype_bytes, activation, backward,
+                           gpu_class_name(device)).fused  # fmt: skip
+
+
+def use_cross_attention(
+    batch: int, heads: int, query_length: int, key_length: int, head_dim: int, dtype_bytes: int, backward: bool,
+    device: torch.device,
+) -> bool:  # fmt: skip
+    """Whether ``auto`` runs ``cross_attention`` for this call on ``device`` (a CUDA device)."""
+    return cross_attention_choice(batch, heads, query_length, key_length, head_dim, dtype_bytes, backward,
+                                  gpu_class_name(device)).fused  # fmt: skip
 
 
 @cache
