@@ -43,7 +43,9 @@ def check_results(
     properties (the GPU check's report shows the worst)."""
     worst: dict = {}
     for name, kernel_result, eager_result, exact_result in zip(names, kernel, eager, exact, strict=True):
-        kernel_error, eager_error = relative_error(kernel_result, exact_result), relative_error(eager_result, exact_result)
+        kernel_error, eager_error = relative_error(kernel_result, exact_result), relative_error(
+            eager_result, exact_result
+        )
         bound = 2 * eager_error + ERROR_FLOOR[kernel_result.dtype]
         share = kernel_error / bound  # NaN where the kernel gave NaN
         kept = worst.get("share_of_bound")

@@ -111,7 +111,9 @@ def unet_step(unet, hypernetwork, dtype: torch.dtype | None, mode: str, inputs: 
         loss.backward()
     finally:
         remove_hypernetworks(unet)
-    return loss.detach().double(), {name: parameter.grad.double() for name, parameter in hypernetwork.named_parameters()}
+    return loss.detach().double(), {
+        name: parameter.grad.double() for name, parameter in hypernetwork.named_parameters()
+    }
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda dtype: str(dtype).removeprefix("torch."))
@@ -140,7 +142,9 @@ def test_unet_training_step(preset, dtype, monkeypatch, kernel_calls, exact_floa
     loss_errors = [((loss - exact_loss).abs() / exact_loss.abs()).item() for loss in (kernel_loss, eager_loss)]
     shares = {"loss": share_of_bound(*loss_errors, floor)}
     for name, exact in exact_grads.items():
-        shares[name] = share_of_bound(relative_error(kernel_grads[name], exact), relative_error(eager_grads[name], exact), floor)
+        shares[name] = share_of_bound(
+            relative_error(kernel_grads[name], exact), relative_error(eager_grads[name], exact), floor
+        )
     worst = max(shares, key=lambda name: shares[name] if shares[name] == shares[name] else np.inf)
     record_property("accuracy", {"result": worst, "share_of_bound": shares[worst], "loss_errors": loss_errors})
     if not DRY_RUN:
@@ -187,7 +191,9 @@ def test_txt2img(monkeypatch, kernel_calls, exact_float32, record_property):
     # Mean absolute pixel error: one bad pixel of random weights' chaos is no verdict.
     kernel_error, eager_error = (float(np.abs(image - exact).mean()) for image in (kernel, eager))
     share = share_of_bound(kernel_error, eager_error, 1 / 255)
-    record_property("accuracy", {"result": "image", "share_of_bound": share, "mean_pixel_errors": [kernel_error, eager_error]})
+    record_property(
+        "accuracy", {"result": "image", "share_of_bound": share, "mean_pixel_errors": [kernel_error, eager_error]}
+    )
     if not DRY_RUN:
         assert min(kernel_calls["hyper_kv"], kernel_calls["cross_attention"], kernel_calls["chunk_concat"]) > 0
     assert share <= 1, f"mean pixel error {kernel_error:.4f} beyond 2 x eager's {eager_error:.4f} + 1/255"

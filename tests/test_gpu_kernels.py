@@ -59,7 +59,9 @@ ATTENTION_ODD = [
 ]  # fmt: skip
 ATTENTION_DRY = [((1, 2, 5, 7, 8), None), ((2, 1, 3, 9, 40), "random")]
 ATTENTION_CASES = [
-    (shape, mask, dtype) for dtype in ALL for shape, mask in (ATTENTION_DRY if DRY_RUN else ATTENTION_SD + ATTENTION_ODD)
+    (shape, mask, dtype)
+    for dtype in ALL
+    for shape, mask in (ATTENTION_DRY if DRY_RUN else ATTENTION_SD + ATTENTION_ODD)
 ]
 
 

@@ -44,7 +44,11 @@ def versions() -> dict[str, str | None]:
 
 def card(device: torch.device) -> dict[str, Any]:
     if device.type != "cuda":
-        return {"name": f"CPU ({platform.processor() or platform.machine()})", "arch": "cpu", "threads": torch.get_num_threads()}
+        return {
+            "name": f"CPU ({platform.processor() or platform.machine()})",
+            "arch": "cpu",
+            "threads": torch.get_num_threads(),
+        }
     properties = torch.cuda.get_device_properties(device)
     found = {
         "name": properties.name,
@@ -59,7 +63,9 @@ def card(device: torch.device) -> dict[str, Any]:
             ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True, text=True, timeout=20
         )
         if result.returncode == 0:
-            found["nvidia_smi"] = dict(zip(query.split(","), (value.strip() for value in result.stdout.splitlines()[0].split(","))))
+            found["nvidia_smi"] = dict(
+                zip(query.split(","), (value.strip() for value in result.stdout.splitlines()[0].split(",")))
+            )
     return found
 
 

@@ -61,7 +61,7 @@ class Settings:
     steps: int
     step_warmup: int
     step_repeats: int
-    rounds: int  # txt2img runs timed (the best... the median of)
+    rounds: int  # txt2img runs timed; their median is reported
     train_width: int
     train_height: int
     train_batch: int
@@ -188,7 +188,9 @@ def time_unet_step(engine: Engine) -> float:
     """Median ms of one U-Net step (guidance batch of 2) under inference mode."""
     settings, unet, inputs = engine.settings, engine.model.unet, step_inputs(engine)
     with torch.inference_mode():
-        return median_ms(lambda _: unet(**inputs), settings.device, warmup=settings.step_warmup, repeats=settings.step_repeats)
+        return median_ms(
+            lambda _: unet(**inputs), settings.device, warmup=settings.step_warmup, repeats=settings.step_repeats
+        )
 
 
 def generate_with_nai_fast(engine: Engine, way: Way, steps: int) -> None:
@@ -233,7 +235,9 @@ def measure_generation(recorder: Recorder, engine: Engine, name: str, generate: 
     step_ms = time_unet_step(engine)
     generate(1)  # warm-up: compiles, caches, first calls
     with peak_memory(settings.device) as peak:
-        seconds = sorted(wall_seconds(lambda: generate(settings.steps), settings.device) for _ in range(settings.rounds))
+        seconds = sorted(
+            wall_seconds(lambda: generate(settings.steps), settings.device) for _ in range(settings.rounds)
+        )
     txt2img_s = seconds[len(seconds) // 2]
     recorder.add(
         kind="generation", variant=name, size=f"{settings.size}x{settings.size}", steps=settings.steps,
@@ -261,7 +265,12 @@ def run_generation(recorder: Recorder, engine: Engine, rates, dry_run: bool) -> 
         with recorder.attempt(what):
             install(engine, way, hypernetwork)
             measure_generation(
-                recorder, engine, way.name, lambda steps, way=way: generate_with_nai_fast(engine, way, steps), step_flops, rates
+                recorder,
+                engine,
+                way.name,
+                lambda steps, way=way: generate_with_nai_fast(engine, way, steps),
+                step_flops,
+                rates,
             )
     install(engine, Way("stock", "stock", False, "auto"), None)
 
@@ -273,15 +282,27 @@ def training_batch(engine: Engine) -> dict:
     """Latents (as cached latents are), noise, timesteps, and 3-chunk tag captions."""
     settings, model = engine.settings, engine.model
     scale = model.vae_scale_factor
-    shape = (settings.train_batch, model.unet.config.in_channels, settings.train_height // scale, settings.train_width // scale)
+    shape = (
+        settings.train_batch,
+        model.unet.config.in_channels,
+        settings.train_height // scale,
+        settings.train_width // scale,
+    )
     generator = torch.Generator().manual_seed(4)
     latents, noise = (torch.randn(shape, generator=generator) for _ in "ln")
-    timesteps = torch.randint(0, model.scheduler.config.num_train_timesteps, (settings.train_batch,), generator=generator)
+    timesteps = torch.randint(
+        0, model.scheduler.config.num_train_timesteps, (settings.train_batch,), generator=generator
+    )
     shift = len(CAPTION_TAGS) // settings.train_batch
     captions = [", ".join(CAPTION_TAGS[i * shift :] + CAPTION_TAGS[: i * shift]) for i in range(settings.train_batch)]
     device = settings.device
     noisy = model.scheduler.add_noise(latents, noise, timesteps)
-    return {"noisy": noisy.to(device), "noise": noise.to(device), "timesteps": timesteps.to(device), "captions": captions}
+    return {
+        "noisy": noisy.to(device),
+        "noise": noise.to(device),
+        "timesteps": timesteps.to(device),
+        "captions": captions,
+    }
 
 
 def training_step(engine: Engine, encoder, hypernetwork, optimizer, batch: dict) -> None:
@@ -348,7 +369,9 @@ def run_compiled(recorder: Recorder, engine: Engine, rates, dry_run: bool) -> No
     time_unet_step(engine)  # compiles
     recorder.add(kind="compile", stage="compiled", seconds=time.perf_counter() - start)
     way = Way("nai_fast, compiled U-Net (channels-last)", "stock", False, "auto")
-    measure_generation(recorder, engine, way.name, lambda steps: generate_with_nai_fast(engine, way, steps), step_flops, rates)
+    measure_generation(
+        recorder, engine, way.name, lambda steps: generate_with_nai_fast(engine, way, steps), step_flops, rates
+    )
 
 
 def body(recorder: Recorder, arguments: argparse.Namespace) -> None:

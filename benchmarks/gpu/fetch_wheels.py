@@ -76,7 +76,11 @@ def wheel_metadata(wheel: Path) -> dict[str, object]:
     with zipfile.ZipFile(wheel) as archive:
         name = next(item for item in archive.namelist() if item.endswith(".dist-info/METADATA"))
         metadata = Parser().parsestr(archive.read(name).decode())
-    return {"name": metadata["Name"], "version": metadata["Version"], "requires": metadata.get_all("Requires-Dist") or []}
+    return {
+        "name": metadata["Name"],
+        "version": metadata["Version"],
+        "requires": metadata.get_all("Requires-Dist") or [],
+    }
 
 
 def missing_requirements(wheels: list[Path], device_has: frozenset[str] = DEVICE_HAS) -> dict[str, list[str]]:

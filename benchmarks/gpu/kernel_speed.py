@@ -19,6 +19,7 @@ eager reference standing in for nai_fast, wall-clock timing.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import warnings
 from collections.abc import Callable
@@ -87,7 +88,11 @@ def hyper_kv_shapes(dry_run: bool) -> list[tuple[int, int]]:
         return [(77, 16)]
     from nai_fast.kernels.shapes import attention_levels
 
-    shapes = {(level.batch * level.tokens, level.channels) for width, height in SIZES for level in attention_levels(width, height)}
+    shapes = {
+        (level.batch * level.tokens, level.channels)
+        for width, height in SIZES
+        for level in attention_levels(width, height)
+    }
     return sorted(shapes, reverse=True)
 
 
@@ -135,7 +140,9 @@ def _backends():
 def _xformers_attention(q, k, v):
     import xformers.ops  # (batch, length, heads, head_dim)
 
-    return xformers.ops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    return xformers.ops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(
+        1, 2
+    )
 
 
 # -- timing one op at one shape ---------------------------------------------------------------
@@ -223,13 +230,17 @@ def measure_cross_attention(recorder: Recorder, settings: Settings, device_rates
 
             def make_set():
                 q, k, v, grad = (
-                    torch.randn(batch, heads, length, head_dim, device=settings.device, dtype=DTYPE, requires_grad=backward)
+                    torch.randn(
+                        batch, heads, length, head_dim, device=settings.device, dtype=DTYPE, requires_grad=backward
+                    )
                     for length in (query_length, key_length, key_length, query_length)
                 )
                 return (q, k, v), (q, k, v), grad.detach()
 
             run = forward_or_both(backward, lambda provider, inputs: provider(*inputs))
-            costs = [cross_attention_cost(*shape.values(), backward=pass_backward) for pass_backward in {False, backward}]
+            costs = [
+                cross_attention_cost(*shape.values(), backward=pass_backward) for pass_backward in {False, backward}
+            ]
             minimal = sum((cost.minimal for cost in costs[1:]), costs[0].minimal)
             with recorder.attempt(what):
                 times, errors = time_providers(providers, make_set, run, costs[0].minimal.bytes, settings)
@@ -256,10 +267,10 @@ def measure_hyper_kv(recorder: Recorder, settings: Settings, device_rates, dry_r
                 grads = [torch.randn(tokens, width, device=settings.device, dtype=DTYPE) for _ in "kv"]
                 return (x, k_weight, v_weight, k_mlp, v_mlp), [x, *k_mlp, *v_mlp], grads
 
-            run = forward_or_both(
-                backward, lambda provider, inputs: provider(*inputs, HYPERNETWORK_ACTIVATION, 1.0)
-            )
-            costs = [hyper_kv_cost(tokens, width, activation=HYPERNETWORK_ACTIVATION, backward=b) for b in {False, backward}]
+            run = forward_or_both(backward, lambda provider, inputs: provider(*inputs, HYPERNETWORK_ACTIVATION, 1.0))
+            costs = [
+                hyper_kv_cost(tokens, width, activation=HYPERNETWORK_ACTIVATION, backward=b) for b in {False, backward}
+            ]
             minimal = sum((cost.minimal for cost in costs[1:]), costs[0].minimal)
             with recorder.attempt(what):
                 times, errors = time_providers(providers, make_set, run, costs[0].minimal.bytes, settings)

@@ -28,6 +28,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.skip("out of time: the GPU check's correctness part reached its budget")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups (--dist loadgroup)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under xdist, the engine tests share a worker (and its models); kernel tests spread."""
     if config.pluginmanager.hasplugin("xdist"):

@@ -132,7 +132,10 @@ def _ceilings_md(results: dict) -> list[str]:
     lines = ["## Ceilings", ""]
     for row in rows:
         if row["name"] == "copy":
-            lines.append(f"- device-to-device copy: {row['bytes_per_s'] / 1e12:.2f} TB/s ({row['bytes'] / 1e9:.1f} GB read + written in {row['ms']:.2f} ms)")
+            lines.append(
+                f"- device-to-device copy: {row['bytes_per_s'] / 1e12:.2f} TB/s "
+                f"({row['bytes'] / 1e9:.1f} GB read + written in {row['ms']:.2f} ms)"
+            )
         else:
             lines.append(f"- {row['name']} {row['n']}^3: {row['flop_per_s'] / 1e12:.0f} TFLOP/s ({row['ms']:.2f} ms)")
     return lines
@@ -210,7 +213,10 @@ def _engine_md(results: dict) -> list[str]:
             )
         anchors = _part(results, "engine").get("info", {}).get("anchors_its", {})
         if anchors:
-            lines += ["", f"Anchors, {ANCHOR_NOTE}: " + ", ".join(f"{name} {its:g} it/s" for name, its in anchors.items())]
+            lines += [
+                "",
+                f"Anchors, {ANCHOR_NOTE}: " + ", ".join(f"{name} {its:g} it/s" for name, its in anchors.items()),
+            ]
     if training:
         first = training[0]
         lines += [
@@ -220,7 +226,10 @@ def _engine_md(results: dict) -> list[str]:
             "| variant | images/s | step ms | peak GiB |",
             "| --- | ---: | ---: | ---: |",
         ]
-        lines += [f"| {row['variant']} | {row['images_per_s']:.2f} | {row['step_ms']:.1f} | {_fmt(row.get('peak_gib'), '.2f')} |" for row in training]
+        lines += [
+            f"| {row['variant']} | {row['images_per_s']:.2f} | {row['step_ms']:.1f} | {_fmt(row.get('peak_gib'), '.2f')} |"
+            for row in training
+        ]
     for row in compiled:
         if row["stage"] == "compiled":
             lines.append(f"\ntorch.compile of the U-Net: {row['seconds']:.0f} s to compile.")
@@ -253,12 +262,16 @@ def runs_row(results: dict, json_name: str) -> str:
     """One row of docs/gpu.md's table of runs."""
     gpu, found = card(results), versions(results)
     rates, counts = ceilings(results), test_counts(results)
-    speedups = [row["speedup_vs_baseline"] for row in _records(results, "kernels", "kernel") if row.get("speedup_vs_baseline")]
+    speedups = [
+        row["speedup_vs_baseline"] for row in _records(results, "kernels", "kernel") if row.get("speedup_vs_baseline")
+    ]
     generation = {row["variant"]: row["txt2img_its"] for row in _records(results, "engine", "generation")}
     training = {row["variant"]: row["images_per_s"] for row in _records(results, "engine", "training")}
 
     def pick(table: dict, *names: str) -> str:
-        return " / ".join(_fmt(next((table[name] for name in table if name.startswith(prefix)), None), ".1f") for prefix in names)
+        return " / ".join(
+            _fmt(next((table[name] for name in table if name.startswith(prefix)), None), ".1f") for prefix in names
+        )
 
     cells = [
         date(results), f"{gpu.get('name', '?')} ({gpu.get('arch', '?')})",
