@@ -19,9 +19,12 @@ from gpu.pytest_plugin import DEADLINE_VAR, Recording
 from gpu.record import Recorder, run_part
 
 REPO = Path(__file__).resolve().parents[2]
-TEST_FILES = ("tests/test_gpu_kernels.py", "tests/test_gpu_engine.py")
+# The engine's tests first: the longest (model builds, U-Net steps, txt2img), they start first.
+TEST_FILES = ("tests/test_gpu_engine.py", "tests/test_gpu_kernels.py")
 DRY_RUN_VAR = "NAI_FAST_GPU_DRY_RUN"  # tests/gpu_support.py reads it
-MAX_WORKERS = 16
+# xdist workers: the kernels' variants compile in parallel; each worker's CPU work (float64
+# inputs, model builds: each worker builds its own) keeps 2 cores.
+MAX_WORKERS = 8
 
 
 def pytest_arguments(dry_run: bool) -> list[str]:
@@ -29,14 +32,21 @@ def pytest_arguments(dry_run: bool) -> list[str]:
     arguments += ["-p", "no:cacheprovider", "-q", "-ra", "--rootdir", str(REPO), "-c", str(REPO / "pyproject.toml")]
     arguments += ["-W", "ignore::pytest.PytestAssertRewriteWarning"]  # the plugin is this process's own import
     if not dry_run and importlib.util.find_spec("xdist") is not None:
-        arguments += ["-n", str(min(MAX_WORKERS, os.cpu_count() or 1)), "--dist", "loadgroup"]
+        arguments += ["-n", str(workers())]
     return arguments
+
+
+def workers() -> int:
+    return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
 
 
 def body(recorder: Recorder, arguments) -> None:
     import pytest
 
     os.environ[DEADLINE_VAR] = str(arguments.deadline)
+    # Workers share the cores: OpenMP threads beyond them spin against each other (the float64
+    # references and the model builds run on the CPU).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers())))
     if arguments.dry_run:
         os.environ[DRY_RUN_VAR] = "1"
     command = pytest_arguments(arguments.dry_run)

@@ -19,22 +19,12 @@ DEADLINE_VAR = "NAI_FAST_GPU_DEADLINE"
 # A test starting later than this before the deadline is skipped: the longest test (the SD 1.x
 # txt2img, three images, compiles included) fits in it.
 MARGIN_S = 20.0
-ENGINE_TESTS = "test_gpu_engine.py"
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     deadline = float(os.environ.get(DEADLINE_VAR, "inf"))
     if time.time() > deadline - MARGIN_S:
         pytest.skip("out of time: the GPU check's correctness part reached its budget")
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups (--dist loadgroup)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under xdist, the engine tests share a worker (and its models); kernel tests spread."""
-    if config.pluginmanager.hasplugin("xdist"):
-        for item in items:
-            if item.path.name == ENGINE_TESTS:
-                item.add_marker(pytest.mark.xdist_group("engine"))
 
 
 class Recording:
