@@ -180,6 +180,29 @@ def test_what_travels_must_fit(tmp_path):
     assert not fetch_wheels.travel_report(tree, wheels, limit=10_000)["fits"]
 
 
+def pypi_reachable() -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("pypi.org", 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_the_real_fetch(tmp_path):
+    """The wheels as fetch_wheels.py gets them (about 8 MB, a few seconds): complete, their
+    requirements met on the device, and small enough to travel."""
+    if not pypi_reachable():
+        pytest.skip("PyPI is not reachable from here")
+    wheels = fetch_wheels.fetch(tmp_path / "wheels")
+    names = {fetch_wheels.normalize(fetch_wheels.wheel_metadata(wheel)["name"]) for wheel in wheels}
+    assert names == {fetch_wheels.normalize(name) for name in (*fetch_wheels.DOWNLOADED, *fetch_wheels.BUILT)}
+    assert all(wheel.name.endswith("-py3-none-any.whl") for wheel in wheels), "pure Python: they install anywhere"
+    report = fetch_wheels.travel_report(wheel_dir=tmp_path / "wheels")
+    assert report["fits"] and report["wheels_complete"] and report["missing_requirements"] == {}
+
+
 def test_the_repository_travels_within_the_limit():
     report = fetch_wheels.travel_report()
     assert report["tree_bytes"] < fetch_wheels.LIMIT_BYTES // 4, "the tree leaves most of 64 MiB to the wheels"
@@ -251,3 +274,15 @@ def test_publishing_files_the_json_the_row_and_the_measured_table(tmp_path):
 def test_a_dry_run_never_reaches_the_measured_table():
     results = gpu_results() | {"mode": "dry-run"}
     assert publish.measured_entry(results, "x.json") is None
+
+
+def test_without_git_the_tree_is_walked_and_the_wheels_counted_once(tmp_path):
+    tree = tmp_path / "copy"  # as on the device: no .git
+    (tree / "pkg" / "__pycache__").mkdir(parents=True)
+    (tree / "pkg" / "code.py").write_bytes(b"x" * 100)
+    (tree / "pkg" / "__pycache__" / "code.pyc").write_bytes(b"x" * 1000)
+    (tree / ".gpu-wheels").mkdir()
+    wheel_bytes = fake_wheel(tree / ".gpu-wheels", "diffusers", "0.42.1", []).stat().st_size
+    assert fetch_wheels.tree_bytes(tree, tree / ".gpu-wheels") == 100
+    report = fetch_wheels.travel_report(tree, tree / ".gpu-wheels")
+    assert (report["tree_bytes"], report["wheel_bytes"], report["total_bytes"]) == (100, wheel_bytes, 100 + wheel_bytes)

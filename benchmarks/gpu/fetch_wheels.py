@@ -103,16 +103,17 @@ def missing_requirements(wheels: list[Path], device_has: frozenset[str] = DEVICE
     return missing
 
 
-def tree_bytes(repo: Path = REPO) -> int:
+def tree_bytes(repo: Path = REPO, carried: Path = WHEEL_DIR) -> int:
     """Bytes of the working tree that travels: tracked files and untracked files git does not
     ignore (``git ls-files``); where there is no git (the device's copy), every file but
-    caches."""
+    caches and the ``carried`` folder (counted apart)."""
     try:
         listing = subprocess.run(["git", "-C", str(repo), "ls-files", "-z", "-co", "--exclude-standard"],
                                  check=True, capture_output=True).stdout  # fmt: skip
         paths = [repo / name for name in listing.decode().split("\0") if name]
     except (OSError, subprocess.CalledProcessError):
-        paths = [path for path in repo.rglob("*") if "__pycache__" not in path.parts and ".git" not in path.parts]
+        skipped = {"__pycache__", ".git", ".pytest_cache", ".benchmarks", ".hypothesis"}
+        paths = [path for path in repo.rglob("*") if not skipped & set(path.parts) and carried not in path.parents]
     return sum(path.stat().st_size for path in paths if path.is_file() and not path.is_symlink())
 
 
@@ -123,7 +124,7 @@ def folder_bytes(folder: Path) -> int:
 def travel_report(repo: Path = REPO, wheel_dir: Path = WHEEL_DIR, limit: int = LIMIT_BYTES) -> dict[str, object]:
     """What must travel to the GPU machine, and whether it fits."""
     wheels = sorted(wheel_dir.glob("*.whl")) if wheel_dir.exists() else []
-    tree, carried = tree_bytes(repo), folder_bytes(wheel_dir)
+    tree, carried = tree_bytes(repo, wheel_dir), folder_bytes(wheel_dir)
     return {
         "tree_bytes": tree, "wheel_bytes": carried, "total_bytes": tree + carried, "limit_bytes": limit,
         "fits": tree + carried < limit, "wheels": [wheel.name for wheel in wheels],
