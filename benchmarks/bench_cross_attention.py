@@ -17,14 +17,14 @@ and launches fused versus eager, A100 and H100 floors, forward and backward.
 
 from __future__ import annotations
 
-import importlib
-import statistics
 from collections.abc import Callable
 
 import pytest
 import torch
 from conftest import BASELINE, smoke_mode
 from cost_report import PASSES, predictions
+from gpu.kernel_speed import attention_providers
+from gpu.timing import median_ms, rotations_for
 
 from nai_fast.kernels.cost import A100, H100_SXM, Device, cross_attention_cost
 from nai_fast.kernels.cross_attention import cross_attention_reference
@@ -39,7 +39,6 @@ LAYERS = sorted(
 )
 FULL = [(query_length, key_length, head_dim) for query_length, head_dim in LAYERS for key_length in KEY_LENGTHS]
 SMOKE = [(256, 77, 40)]
-L2_BYTES = 64 << 20  # more than an H100's 50 MB: rotated input sets never hit in L2
 
 
 def pytest_generate_tests(metafunc):
@@ -86,48 +85,9 @@ def test_reference_and_predictions(timed, benchmark, note, shape):
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def sdpa_backend(backend_name: str) -> Callable:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backend = getattr(SDPBackend, backend_name)
-
-    def attend(q, k, v):
-        with sdpa_kernel(backend):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-
-    return attend
-
-
-def xformers_attention(q, k, v):
-    import xformers.ops  # (batch, length, heads, head_dim)
-
-    output = xformers.ops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return output.transpose(1, 2)
-
-
 def providers() -> dict[str, Callable]:
-    found = {
-        "nai_fast": importlib.import_module("nai_fast.kernels.cross_attention").cross_attention,
-        "eager": cross_attention_reference,
-        **{f"sdpa_{name.lower()}": sdpa_backend(name) for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")},
-    }
-    if importlib.util.find_spec("xformers") is not None:
-        found["xformers"] = xformers_attention
-    return found
-
-
-def median_cuda_ms(fn: Callable[[int], object], rotations: int, warmup: int, repeats: int) -> float:
-    """Median milliseconds of ``fn(i)`` over CUDA events, cycling i through the input sets."""
-    for i in range(warmup):
-        fn(i % rotations)
-    torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
-    for i, (start, end) in enumerate(events):
-        start.record()
-        fn(i % rotations)
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in events)
+    """nai_fast's Triton op, the eager reference and every SDPA backend (the GPU check's list)."""
+    return attention_providers(dry_run=False)
 
 
 def roofline_device() -> Device | None:
@@ -145,7 +105,7 @@ def test_gpu_providers(shape, passes, smoke, note, benchmark):
     if training:
         minimal = minimal + cross_attention_cost(BATCH, HEADS, query_length, key_length, head_dim, backward=True).minimal
     set_bytes = cost.minimal.bytes  # q, k, v, grad_out: as many bytes as q, k, v, output
-    rotations = 1 if smoke else max(2, int(L2_BYTES // set_bytes) + 1)
+    rotations = 1 if smoke else max(2, rotations_for(set_bytes))
     inputs = [
         [torch.randn(BATCH, HEADS, length, head_dim, device="cuda", dtype=dtype, requires_grad=training)
          for length in (query_length, key_length, key_length, query_length)]
@@ -167,7 +127,7 @@ def test_gpu_providers(shape, passes, smoke, note, benchmark):
         except RuntimeError as error:  # a backend that does not take this shape or dtype
             note(f"cross_attention {passes} {describe(shape)}: {name} unavailable ({str(error).splitlines()[0]})")
             continue
-        ms = median_cuda_ms(call, rotations, warmup=1 if smoke else 10, repeats=1 if smoke else 50)
+        ms = median_ms(lambda i, call=call: call(i % rotations), "cuda", warmup=1 if smoke else 10, repeats=1 if smoke else 50)
         results[name] = ms
         tflops = (minimal.tensor_flops / (ms * 1e-3)) / 1e12
         roofline = f", {floor_ms / ms:.0%} of the {device.name} floor" if floor_ms else ""

@@ -7,7 +7,7 @@ prompt) x 4096 / 1024 / 256 tokens of width 320 / 640 / 1280 at 512 x 512 (x 1.5
 race (the kernels are Triton), so on CPU this times the eager reference, forward and
 forward + backward, and notes what the cost model predicts for float16 on an A100 and an
 H100: bytes moved, launches, roofline floors. On CUDA it times the fused op against the
-eager reference with CUDA events (median of triton.testing.do_bench) and reports TFLOP/s and
+eager reference with CUDA events (the GPU check's median, gpu/timing.py) and reports TFLOP/s and
 the fraction of the roofline floor reached. Goal: >= 2x eager for non-linear hypernetworks.
 
     pytest benchmarks/bench_hyper_kv.py                          # full
@@ -20,6 +20,7 @@ import pytest
 import torch
 from conftest import BASELINE, smoke_mode
 from cost_report import PASSES, predictions
+from gpu.timing import median_ms
 
 from nai_fast.kernels.cost import H100_SXM, hyper_kv_cost
 from nai_fast.kernels.hyper_kv import MLP, hyper_kv, hyper_kv_reference
@@ -86,21 +87,19 @@ def test_reference_on_cpu(timed, benchmark, note, shape):
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward+backward"])
 def test_fused_against_eager_on_gpu(note, shape, backward):
     """Median CUDA-event times; TFLOP/s counts the op's useful tensor FLOPs (the floor's)."""
-    from triton.testing import do_bench
-
     name, tokens, width = shape
     inputs = make_inputs(tokens, width, "cuda", torch.float16, requires_grad=backward)
     grads = [torch.randn(tokens, width, device="cuda", dtype=torch.float16) for _ in range(2)]
     times = {}
     for label, op in (("eager", hyper_kv_reference), ("fused", hyper_kv)):
 
-        def call(op=op):
+        def call(_=None, op=op):
             outputs = op(*inputs, ACTIVATION, STRENGTH)
             if backward:
-                torch.autograd.backward(outputs, grads)
+                torch.autograd.grad(outputs, [inputs[0], *inputs[3], *inputs[4]], grads)
 
         call()  # compile, and check it runs
-        times[label] = do_bench(call, return_mode="median", grad_to_none=[inputs[0], *inputs[3], *inputs[4]]) / 1e3
+        times[label] = median_ms(call, "cuda", warmup=10, repeats=50) / 1e3
 
     costs = [hyper_kv_cost(tokens, width, activation=ACTIVATION)]
     if backward:

@@ -26,11 +26,10 @@ left out.
 
 from __future__ import annotations
 
-import statistics
-
 import pytest
 import torch
 from conftest import BASELINE, FAST
+from gpu.timing import median_ms
 
 from nai_fast.info import kernel_costs
 
@@ -92,21 +91,10 @@ def test_unet_step_on_gpu(timed, note, monkeypatch, smoke, training):
     for mode, role in MODES.items():
         monkeypatch.setenv("NAI_FAST_KERNELS", mode)
         outputs[mode] = step().float()  # warm-up: compilation, caches
-        medians[mode] = _cuda_median_ms(step, rounds=3 if smoke else 20)
+        medians[mode] = median_ms(lambda _: step(), "cuda", warmup=0, repeats=3 if smoke else 20)
         if role in (BASELINE, FAST):
             timed(group, role, synchronized_step, rounds=3 if smoke else 10)
     note(f"{group}, CUDA-event medians: " + ", ".join(f"{mode} {ms:.2f} ms" for mode, ms in medians.items()))
     for mode in ("auto", "triton"):
         torch.testing.assert_close(outputs[mode], outputs["reference"], rtol=2e-2, atol=2e-2)
 
-
-def _cuda_median_ms(fn, rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)

@@ -78,14 +78,16 @@ def kernel_costs(width: int = 512, height: int = 512, *, chunks: int = 1, images
     ``fused_mb`` / ``eager_mb`` (HBM traffic as the kernels and the eager ops move it), the
     time floors in microseconds on A100 and H100 (``a100_fused_us``, ``a100_eager_us``...)
     and ``a100_auto`` / ``h100_auto`` (whether ``NAI_FAST_KERNELS=auto`` takes the kernel
-    there on that GPU).
+    there on that GPU class, sm_80 / sm_90: by its measured table where it has one, else the
+    cost model's prediction).
     ``hyper_kv`` is a ``[1, 2, 1]`` relu hypernetwork's K and V (two calls of the op's
     projection per layer are one row here: both nets).
     """
     from .kernels.cost import A100, H100_SXM, cross_attention_cost, hyper_kv_cost
-    from .kernels.policy import cross_attention_pays, hyper_kv_pays
+    from .kernels.policy import cross_attention_choice, hyper_kv_choice
     from .kernels.shapes import attention_levels
 
+    classes = ((A100, "sm_80"), (H100_SXM, "sm_90"))  # auto's choice: measured where a class was, else predicted
     rows = []
     for level in attention_levels(width, height, images=images, chunks=chunks):
         tokens = level.batch * level.tokens
@@ -97,13 +99,13 @@ def kernel_costs(width: int = 512, height: int = 512, *, chunks: int = 1, images
             rows.append(
                 _cost_row(
                     "hyper_kv", level, f"{tokens}x{level.channels}", backward, hyper,
-                    {gpu: hyper_kv_pays(*hyper_shape, gpu) for gpu in (A100, H100_SXM)},
+                    {gpu: hyper_kv_choice(*hyper_shape, name).fused for gpu, name in classes},
                 )
             )  # fmt: skip
             rows.append(
                 _cost_row(
                     "cross_attention", level, "B{} H{} Lq{} Lk{} d{}".format(*attention_shape), backward, attention,
-                    {gpu: cross_attention_pays(*attention_shape, 2, backward, gpu) for gpu in (A100, H100_SXM)},
+                    {gpu: cross_attention_choice(*attention_shape, 2, backward, name).fused for gpu, name in classes},
                 )
             )  # fmt: skip
     return rows

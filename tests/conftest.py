@@ -5,6 +5,8 @@ import os
 
 import kernel_proofs
 import pytest
+import torch
+from gpu_support import DRY_RUN_VAR
 from kernel_proofs import triton_workers
 
 # Fixtures whose tests are slow by nature: interpreted Triton kernels, compiles for the GPUs.
@@ -28,6 +30,17 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if _SLOW_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
+
+
+def pytest_collection_modifyitems(config, items):
+    """``cuda``-marked tests need a CUDA GPU, unless the GPU check's dry run asks for them on
+    the CPU (tests/gpu_support.py)."""
+    if torch.cuda.is_available() or os.environ.get(DRY_RUN_VAR) == "1":
+        return
+    skip = pytest.mark.skip(reason=f"needs a CUDA GPU ({DRY_RUN_VAR}=1 runs it on the CPU with tiny shapes)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="module")

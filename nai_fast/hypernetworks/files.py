@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels.activations import NO_ACTIVATION
-from ..models.safe_load import load_weights_only
+from ..safe_load import load_weights_only
 
 __all__ = ["HypernetworkFileError", "dropout_structure_from_flags", "load", "save"]
 

@@ -68,9 +68,10 @@ and a cross-attention layer over a prompt of up to 4 chunks attends with
 ``cross_attention``; elsewhere the eager path above runs (modules, ``to_k``/``to_v``, SDPA),
 with a logged reason where a structure cannot fuse (LayerNorm, deeper nets, Dropout while
 training, several hypernetworks at one width). Which op runs where is
-:mod:`nai_fast.kernels.policy`'s choice: under ``auto`` only where the cost model predicts it
-faster on the GPU; ``triton`` forces them, which is how ``tests/test_kernel_unet.py`` checks
-a training step against the eager processors under Triton's interpreter. The shallow-layer penalty of a fused layer is
+:mod:`nai_fast.kernels.policy`'s choice: under ``auto`` only where the GPU class's measurements,
+or for a class never measured the cost model, say it is faster; ``triton`` forces them, which
+is how ``tests/test_kernel_unet.py`` checks a training step against the eager processors
+under Triton's interpreter. The shallow-layer penalty of a fused layer is
 measured with one extra module call on the detached input, as it is wherever that input
 carries a graph.
 

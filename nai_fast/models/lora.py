@@ -65,7 +65,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .safe_load import error_reason, load_weights_only
+from ..safe_load import error_reason, load_weights_only
 
 __all__ = [
     "COMPONENTS",
@@ -213,7 +213,7 @@ class Lora:
 
 def load_lora(path: str | os.PathLike[str]) -> Lora:
     """Read a LoRA file: ``.safetensors``, or ``.pt``/``.ckpt``/``.bin`` through torch's
-    weights-only unpickler (:mod:`nai_fast.models.safe_load`). PEFT's ``adapter_config.json`` beside
+    weights-only unpickler (:mod:`nai_fast.safe_load`). PEFT's ``adapter_config.json`` beside
     the file supplies its alphas.
 
     Raises:
