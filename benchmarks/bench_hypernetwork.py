@@ -38,6 +38,7 @@ import torch
 from baselines import install_processors
 from conftest import BASELINE, FAST, best_seconds, smoke_mode
 from diffusers import UNet2DConditionModel
+from unets import SD1_UNET, SD1_WIDTHS, SMOKE_UNET, SMOKE_WIDTHS
 
 from nai_fast.hypernetworks.modules import Hypernetwork
 
@@ -58,10 +59,8 @@ class Setup:
 
 
 FULL = Setup(
-    unet_config=dict(
-        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8, layers_per_block=2
-    ),
-    widths=(320, 640, 768, 1280),
+    unet_config=SD1_UNET,
+    widths=SD1_WIDTHS,
     context_tokens=231,
     step_latent_size=32,
     generation_latent_size=32,
@@ -69,22 +68,14 @@ FULL = Setup(
     step_rounds=3,
 )
 SMOKE = Setup(
-    unet_config=dict(
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=48,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    ),
-    widths=(32, 48, 64),
+    unet_config=SMOKE_UNET,
+    widths=SMOKE_WIDTHS,
     context_tokens=10,
     step_latent_size=8,
     generation_latent_size=8,
     generation_steps=1,
     step_rounds=1,
 )
-
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ import pytest
 import torch
 from conftest import BASELINE, FAST, smoke_mode
 from diffusers import UNet2DConditionModel
+from unets import SD1_UNET, SD1_WIDTHS, SMOKE_UNET, SMOKE_WIDTHS
 from torch import nn
 
 from nai_fast.hypernetworks.modules import Hypernetwork
@@ -49,24 +50,15 @@ class Setup:
 
 
 FULL = Setup(
-    unet_config=dict(
-        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8, layers_per_block=2
-    ),
-    widths=(320, 640, 768, 1280),
+    unet_config=SD1_UNET,
+    widths=SD1_WIDTHS,
     context_tokens=231,
     latent_size=32,
     rounds=3,
 )
 SMOKE = Setup(
-    unet_config=dict(
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=48,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    ),
-    widths=(32, 48, 64),
+    unet_config=SMOKE_UNET,
+    widths=SMOKE_WIDTHS,
     context_tokens=10,
     latent_size=8,
     rounds=1,
