@@ -173,6 +173,10 @@ class KeyValueCache:
         # context token -> (recipe, key, value), the most recent last
         self._entries: OrderedDict[int, tuple[Recipe, Tensor, Tensor]] = OrderedDict()
 
+    def __len__(self) -> int:
+        """Contexts whose K and V are kept."""
+        return len(self._entries)
+
     def get(self, token: int, pairs: Sequence[Pair], attn: Attention) -> tuple[Tensor, Tensor] | None:
         """The K and V kept for ``token``, if computed from ``pairs`` and ``attn``'s projections as they are now."""
         cached = self._entries.get(token)
