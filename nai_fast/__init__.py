@@ -23,6 +23,7 @@ _EXPORTS = {
     "load_tokenizer": "nai_fast.text.tokenizer",
     "LongPromptEncoder": "nai_fast.text.encoder",
     "load_embeddings": "nai_fast.text.embeddings",
+    "extract_network_tags": "nai_fast.text.tags",
     # hypernetworks
     "Hypernetwork": "nai_fast.hypernetworks.modules",
     "apply_hypernetworks": "nai_fast.hypernetworks.processors",

@@ -161,6 +161,9 @@ def _skipped_lines(skipped: list[dict[str, str]], limit: int | None) -> str:
 # Spelled out so `--help` needs no torch import (tests/test_generate.py checks they agree).
 _SIZE_STEP = 64  # nai_fast.engine.generate.SIZE_STEP: sizes are checked before torch is imported
 _MAX_SEED = 2**32 - 1  # nai_fast.engine.generate.MAX_SEED
+_SAMPLERS = ("euler_a", "euler", "ddim", "dpmpp_2m_karras")  # nai_fast.engine.generate.SAMPLERS
+# What `generate` takes when neither the command line nor --from-png gives it.
+_GENERATE_DEFAULTS = {"negative_prompt": "", "steps": 28, "sampler": "euler_a", "scale": 11.0, "clip_skip": 2}
 
 
 def _add_generate(commands: argparse._SubParsersAction) -> None:
@@ -170,13 +173,28 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         description="Generate images from a prompt with classifier-free guidance, NovelAI's way (penultimate "
         "CLIP layer, long weighted prompts, hypernetworks, LoRAs), and write them as PNGs named INDEX-SEED.png "
         "carrying their generation parameters (the web UI's 'parameters' text). Image i of a run uses seed "
-        "SEED+i, so any image can be made again alone. Arguments and files are checked before any model loads.",
+        "SEED+i, so any image can be made again alone; --from-png makes one again from its PNG. Prompt tags "
+        "<hypernet:NAME:STRENGTH> and <lora:NAME:STRENGTH> apply the file NAME (its stem) found in "
+        "--hypernetwork-dir / --lora-dir. Arguments and files are checked before any model loads.",
     )
-    source = command.add_mutually_exclusive_group(required=True)
+    command.add_argument(
+        "--from-png",
+        metavar="FILE",
+        help="take every setting from FILE's parameters (a PNG from nai-fast or the web UI): prompt, negative, "
+        "seed, size, steps, sampler, scale, clip skip, model (a preset name), hypernetworks and LoRAs (by name, "
+        "found in --hypernetwork-dir / --lora-dir) and embeddings (by name, in --embeddings-dir); an option "
+        "given here overrides its setting. An image nai-fast made comes back pixel-identical",
+    )
+    source = command.add_mutually_exclusive_group()
     source.add_argument(
         "--preset", choices=_MODEL_PRESETS, help="a built-in model with random weights (tiny: small, fast, for demos)"
     )
-    source.add_argument("--model", metavar="PATH", help="a diffusers folder or a single .safetensors/.ckpt checkpoint")
+    source.add_argument(
+        "--model",
+        metavar="PATH",
+        help="a diffusers folder or a single .safetensors/.ckpt checkpoint (--preset or --model is required, "
+        "unless --from-png names a preset)",
+    )
     command.add_argument("--vae", metavar="FILE", help="a VAE file replacing the model's own")
     command.add_argument(
         "--hypernetwork",
@@ -187,6 +205,22 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         help="a hypernetwork (.pt or .safetensors) and its strength (default 1); repeat to apply several in "
         f"order. Without it, --preset tiny uses {_TRAIN_OUTPUT}/{TRAINED_HYPERNETWORK_FILE} when "
         "`nai-fast train --preset tiny` has written it",
+    )
+    command.add_argument(
+        "--hypernetwork-dir",
+        metavar="DIR",
+        action="append",
+        default=[],
+        help="a folder of hypernetworks (.pt/.safetensors, subfolders included) for <hypernet:NAME:STRENGTH> "
+        "tags in the prompt, NAME being a file name without its suffix; repeat for several",
+    )
+    command.add_argument(
+        "--lora-dir",
+        metavar="DIR",
+        action="append",
+        default=[],
+        help="a folder of LoRAs (.safetensors/.pt, subfolders included) for <lora:NAME:STRENGTH> tags in the "
+        "prompt; repeat for several",
     )
     command.add_argument(
         "--embeddings-dir",
@@ -206,11 +240,12 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         "merged into the weights; repeat to apply several (they add up)",
     )
     command.add_argument(
-        "--prompt", required=True, metavar="TEXT", help="what to draw; long prompts, (emphasis:1.2) and BREAK work"
+        "--prompt",
+        metavar="TEXT",
+        help="what to draw (required unless --from-png); long prompts, (emphasis:1.2), BREAK and "
+        "<hypernet:NAME:STRENGTH>/<lora:NAME:STRENGTH> tags work",
     )
-    command.add_argument(
-        "--negative-prompt", default="", metavar="TEXT", help="what to steer away from (default: none)"
-    )
+    command.add_argument("--negative-prompt", metavar="TEXT", help="what to steer away from (default: none)")
     command.add_argument(
         "--seed",
         type=_seed_argument,
@@ -222,16 +257,11 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         help="pixels, a multiple of 64 (default: the model's resolution: 512 for SD 1.x, 128 for --preset tiny)",
     )
     command.add_argument("--height", type=int, help="pixels, a multiple of 64 (default: the model's resolution)")
-    command.add_argument("--steps", type=_positive_int, default=28, help="sampling steps (default: 28)")
+    command.add_argument("--steps", type=_positive_int, help="sampling steps (default: 28)")
+    command.add_argument("--sampler", choices=_SAMPLERS, help="sampler (default: euler_a, NovelAI's)")
+    command.add_argument("--scale", type=float, help="classifier-free guidance scale (default: 11)")
     command.add_argument(
-        "--sampler",
-        choices=("euler_a", "euler", "ddim", "dpmpp_2m_karras"),
-        default="euler_a",
-        help="sampler (default: euler_a, NovelAI's)",
-    )
-    command.add_argument("--scale", type=float, default=11.0, help="classifier-free guidance scale (default: 11)")
-    command.add_argument(
-        "--clip-skip", type=_positive_int, default=2, help="CLIP layer, from the last; 2 is NovelAI's (default: 2)"
+        "--clip-skip", type=_positive_int, help="CLIP layer, from the last; 2 is NovelAI's (default: 2)"
     )
     command.add_argument("--batch-size", type=_positive_int, default=1, help="images per batch (default: 1)")
     command.add_argument("--batch-count", type=_positive_int, default=1, help="batches to generate (default: 1)")
@@ -267,14 +297,14 @@ def _hypernetwork_argument(text: str) -> tuple[str, float]:
     return path, value
 
 
-def _seed_argument(text: str) -> int | None:
-    """A seed in 0..2**32-1, or None (a random one) for -1."""
+def _seed_argument(text: str) -> int:
+    """A seed in 0..2**32-1, or -1 (a random one)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
     if value == -1:
-        return None
+        return value
     if not 0 <= value <= _MAX_SEED:
         raise argparse.ArgumentTypeError(f"must lie in 0..{_MAX_SEED}, or be -1 for a random seed; got {value}")
     return value
@@ -292,13 +322,22 @@ def _run_generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     # Everything that can be checked without a model is checked first, before torch is even
-    # imported: a wrong size, seed or path fails at once, and a failed run writes nothing.
+    # imported: a wrong size, seed, path or prompt tag fails at once, and a failed run writes nothing.
+    if args.from_png is not None:
+        _settings_from_png(args)
+    for name, value in _GENERATE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.prompt is None:
+        raise ValueError("--prompt is required (or --from-png FILE)")
+    if args.model is None and args.preset is None:
+        raise ValueError("one of --preset and --model is required (or --from-png of an image made with a preset)")
     for name in ("width", "height"):
         side = getattr(args, name)
         if side is not None and (side <= 0 or side % _SIZE_STEP):
             raise ValueError(f"{name} must be a positive multiple of {_SIZE_STEP}, got {side}")
     count = args.batch_count * args.batch_size
-    if args.seed is not None and args.seed + count - 1 > _MAX_SEED:
+    if args.seed not in (None, -1) and args.seed + count - 1 > _MAX_SEED:
         raise ValueError(
             f"--seed {args.seed} with {count} images gives seeds past {_MAX_SEED}; use a seed of at most "
             f"{_MAX_SEED - count + 1}"
@@ -313,6 +352,19 @@ def _run_generate(args: argparse.Namespace) -> int:
             raise NotADirectoryError(f"--embeddings-dir {folder}: not a folder")
     for path, _ in args.lora:
         _check_exists("--lora", path, file=True)
+    from .engine.assets import find_networks, resolve_tags
+    from .text.tags import extract_network_tags
+
+    for folder in args.hypernetwork_dir:
+        find_networks("hypernet", [folder])  # a missing folder or a clash of names fails here, tags or not
+    for folder in args.lora_dir:
+        find_networks("lora", [folder])
+    # Tags first, then the files given: the order the PNG's prompt lists them in (tags, then appended).
+    tagged = resolve_tags(
+        extract_network_tags(args.prompt)[1], hypernetwork_dirs=args.hypernetwork_dir, lora_dirs=args.lora_dir
+    )
+    hypernetworks = [(str(path), strength) for path, strength in tagged["hypernet"]] + list(args.hypernetwork)
+    loras = [(str(path), strength) for path, strength in tagged["lora"]] + list(args.lora)
 
     import torch
 
@@ -325,9 +377,8 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
-    hypernetworks = list(args.hypernetwork)
     trained = Path(DEFAULT_TRAIN_OUTPUT) / TRAINED_HYPERNETWORK_FILE
-    if not hypernetworks and trained.is_file():
+    if not hypernetworks and args.from_png is None and trained.is_file():
         if args.preset == "tiny":  # the demo: `nai-fast train --preset tiny` trained it for these weights
             print(f"using the hypernetwork trained for the tiny preset: {trained}", file=sys.stderr)
             hypernetworks.append((str(trained), 1.0))
@@ -336,19 +387,24 @@ def _run_generate(args: argparse.Namespace) -> int:
     embeddings = load_embeddings(args.embeddings_dir)  # read (and any bad file refused) before the model loads
     if args.embeddings_dir:
         print(f"embeddings ({len(embeddings)}): {', '.join(embeddings) or 'none found'}", file=sys.stderr)
+    for name in getattr(args, "png_embeddings", ()):
+        if name not in embeddings:
+            raise ValueError(f"the PNG's prompt uses the embedding {name!r}, not found in --embeddings-dir")
     model = load_model(args.model or args.preset, vae=args.vae)
     model.to(device, None if dtype == model.unet.dtype else dtype)
     if hypernetworks:
         networks = [Hypernetwork.load(path).to(device) for path, _ in hypernetworks]
+        for network, (path, _) in zip(networks, hypernetworks):
+            network.name = Path(path).stem  # the name a prompt tag finds it by, as in the web UI
         # Refuses a hypernetwork made for another model (it would change nothing).
         apply_hypernetworks(model.unet, networks, [strength for _, strength in hypernetworks])
-    if args.lora:
+    if loras:
         from .models.lora import apply_loras, load_lora
 
         # Merged into working copies of the weights, after the move: refuses a LoRA for another model.
-        apply_loras(model, [load_lora(path) for path, _ in args.lora], [strength for _, strength in args.lora])
+        apply_loras(model, [load_lora(path) for path, _ in loras], [strength for _, strength in loras])
     # Like the web UI, every image's seed lies in 0..2**32-1: a drawn seed leaves room for the batch.
-    seed = secrets.randbelow(_MAX_SEED + 2 - count) if args.seed is None else args.seed
+    seed = secrets.randbelow(_MAX_SEED + 2 - count) if args.seed in (None, -1) else args.seed
     print(f"seed: {seed}", file=sys.stderr)
     # Refuses an embedding made for another text encoder (its width), naming the file.
     encoder = LongPromptEncoder(model.tokenizer, model.text_encoder, clip_skip=args.clip_skip, embeddings=embeddings)
@@ -371,6 +427,60 @@ def _run_generate(args: argparse.Namespace) -> int:
         for generated in images:
             print(save_numbered(generated, args.output_dir))  # makes the folder with the first image
     return 0
+
+
+def _settings_from_png(args: argparse.Namespace) -> None:
+    """Fill every generate option not given on the command line from the PNG's parameters text
+    (Pillow only: no torch yet). The model comes from it only when it names a preset."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .engine.generate import GenerationParameters  # imports torch: parsing is cheap beside the model
+
+    _check_exists("--from-png", args.from_png, file=True)
+    try:
+        with Image.open(args.from_png) as image:
+            text = getattr(image, "text", {}).get("parameters")
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"--from-png {args.from_png}: not a readable image ({error})") from None
+    if not text:
+        raise ValueError(f"--from-png {args.from_png}: the image carries no 'parameters' text")
+    parameters = GenerationParameters.from_text(text)
+    if args.prompt is None:
+        # The prompt with a tag for every network the image was made with (older PNGs' Hypernet fields too).
+        args.prompt = parameters.tagged_prompt()
+    from_png = {
+        "negative_prompt": parameters.negative_prompt,
+        "seed": parameters.seed,
+        "width": parameters.width,
+        "height": parameters.height,
+        "steps": parameters.steps,
+        "scale": parameters.guidance_scale,
+        "clip_skip": parameters.clip_skip,
+    }
+    for name, value in from_png.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.sampler is None:
+        if parameters.sampler not in _SAMPLERS:
+            raise ValueError(
+                f"--from-png {args.from_png}: sampler {parameters.sampler!r} is not one nai-fast has "
+                f"({', '.join(_SAMPLERS)}); choose one with --sampler"
+            )
+        args.sampler = parameters.sampler
+    if args.model is None and args.preset is None:
+        if parameters.model not in _MODEL_PRESETS:
+            raise ValueError(
+                f"--from-png {args.from_png}: the image was made with the model {parameters.model!r}; give it "
+                "with --model PATH (only a preset's name is found by itself)"
+            )
+        args.preset = parameters.model
+    # The web UI lists the embeddings a prompt used as `TI hashes: "name: hash, ..."`.
+    args.png_embeddings = [name for name, _ in _named_pairs(dict(parameters.extra).get("TI hashes", ""))]
+
+
+def _named_pairs(text: str) -> list[tuple[str, str]]:
+    """``"a: 1, b: 2"`` -> ``[("a", "1"), ("b", "2")]``."""
+    return [(name, value) for name, _, value in (item.rpartition(": ") for item in text.split(", ") if item)]
 
 
 def _check_exists(option: str, path: str | None, file: bool = False) -> None:

@@ -1,6 +1,7 @@
 """The inference engine (txt2img), its PNGs, the `generate` CLI and the diffusers drop-in, on the tiny preset."""
 
 import argparse
+import dataclasses
 import logging
 import re
 from pathlib import Path
@@ -95,7 +96,8 @@ def test_a_seed_fixes_every_image_and_image_i_is_seed_plus_i_alone(model):
 def test_every_sampler_runs(model, sampler):
     (generated,) = txt2img(model, "a cat", sampler=sampler, seed=3, **FAST)
     assert generated.image.size == (64, 64) and generated.image.mode == "RGB"
-    assert f"Sampler: {SAMPLERS[sampler]}," in generated.text
+    label = {"dpmpp_2m_karras": "DPM++ 2M, Schedule type: Karras"}.get(sampler, SAMPLERS[sampler])  # web UI >= 1.9
+    assert f"Sampler: {label}," in generated.text
 
 
 def test_samplers_keep_the_noise_schedule_and_its_prediction_type(model):
@@ -216,7 +218,8 @@ def test_hypernetwork_strength_zero_equals_no_hypernetwork(model, hypernetwork):
     assert not np.array_equal(pixels(without), pixels(at_some))
     assert "Hypernet" not in without.text
     assert at_zero.parameters.hypernetworks == (("tiny-hn", 0.0),)
-    assert at_some.text.endswith("Model: tiny, Hypernet: tiny-hn, Hypernet strength: 0.8, Clip skip: 2")
+    assert at_some.text.startswith("a cat <hypernet:tiny-hn:0.8>\n")  # as the web UI writes it
+    assert at_some.text.endswith("Model: tiny, Clip skip: 2")
 
 
 def test_training_flags_come_back_as_they_were(model, hypernetwork):
@@ -282,7 +285,10 @@ def test_pngs_carry_the_parameters_text_and_never_overwrite(model, tmp_path):
     ],
 )
 def test_parameters_text_round_trips(parameters):
-    assert GenerationParameters.from_text(parameters.to_text()) == parameters
+    # Networks go into the text as tags in the prompt, so the prompt read back carries them.
+    read = GenerationParameters.from_text(parameters.to_text())
+    assert read == dataclasses.replace(parameters, prompt=parameters.tagged_prompt())
+    assert read.to_text() == parameters.to_text()
 
 
 def test_a_web_ui_parameters_text_parses_and_writes_back_the_same():
@@ -297,7 +303,9 @@ def test_a_web_ui_parameters_text_parses_and_writes_back_the_same():
     assert (parsed.width, parsed.height, parsed.guidance_scale, parsed.clip_skip) == (768, 512, 7.0, 2)
     assert parsed.negative_prompt == "(worst quality:1.4), watermark"
     assert parsed.hypernetworks == (("anime", 0.5),) and parsed.extra == (("ENSD", "31337"),)
-    assert parsed.to_text() == text
+    # Written back as the current web UI writes it: the hypernetwork a tag, the sampler split.
+    assert parsed.to_text() == text.replace("blonde hair", "blonde hair <hypernet:anime:0.5>").replace(
+        "DPM++ 2M Karras", "DPM++ 2M, Schedule type: Karras").replace(" Hypernet: anime, Hypernet strength: 0.5,", "")
     assert GenerationParameters.from_text("just a prompt, no settings") == GenerationParameters(
         prompt="just a prompt, no settings", clip_skip=1
     )
@@ -341,7 +349,8 @@ def test_tiny_preset_uses_the_hypernetwork_trained_for_it(tmp_path, monkeypatch,
     captured = capsys.readouterr()
     assert f"using the hypernetwork trained for the tiny preset: {trained}" in captured.err
     with Image.open(captured.out.split()[0]) as image:
-        assert GenerationParameters.from_text(image.text["parameters"]).hypernetworks == (("tiny-hn", 1.0),)
+        # Named by its file's stem, as the web UI names hypernetworks (what a prompt tag finds it by).
+        assert GenerationParameters.from_text(image.text["parameters"]).hypernetworks == (("hypernetwork", 1.0),)
 
 
 def test_other_models_only_get_a_hint(model, tmp_path, monkeypatch, capsys):
@@ -367,8 +376,8 @@ def test_cli_applies_hypernetworks_with_strengths(tmp_path, hypernetwork, capsys
     assert generate("--seed", "1", "--hypernetwork", f"{path}:0.5", "--sampler", "ddim", output_dir=tmp_path) == 0
     (written,) = capsys.readouterr().out.split()
     with Image.open(written) as image:
-        assert "Sampler: DDIM, CFG scale: 11, Seed: 1, Size: 64x64, Model: tiny, Hypernet: tiny-hn, " \
-            "Hypernet strength: 0.5, Clip skip: 2" in image.text["parameters"]  # fmt: skip
+        assert image.text["parameters"].endswith("<hypernet:tiny-hn:0.5>\nSteps: 2, Sampler: DDIM, CFG scale: 11, "
+                                                 "Seed: 1, Size: 64x64, Model: tiny, Clip skip: 2")  # fmt: skip
 
 
 def test_cli_bad_size_is_a_clear_error(tmp_path, capsys):

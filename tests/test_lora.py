@@ -351,9 +351,15 @@ def test_the_parameters_text_records_loras_and_round_trips():
         prompt="a cat", seed=2, loras=(("style", 0.8), ("eyes", 1.0)), lora_hashes=(("style", "0123456789ab"),)
     )
     text = parameters.to_text()
-    assert 'Lora hashes: "style: 0123456789ab", Lora weights: "style: 0.8, eyes: 1"' in text
-    assert GenerationParameters.from_text(text) == parameters
-    assert GenerationParameters.from_text(text).to_text() == text
+    # As the web UI writes it: the LoRAs as tags in the prompt, their hashes in a field.
+    assert text.startswith("a cat <lora:style:0.8> <lora:eyes:1>\n")
+    assert text.endswith('Lora hashes: "style: 0123456789ab"')
+    read = GenerationParameters.from_text(text)
+    assert read.loras == parameters.loras and read.lora_hashes == parameters.lora_hashes
+    assert read.to_text() == text
+    # nai_fast's older `Lora weights` field still reads.
+    older = GenerationParameters.from_text('a cat\nSteps: 28, Seed: 2, Lora weights: "style: 0.8, eyes: 1"')
+    assert older.loras == parameters.loras
 
 
 def test_cli_applies_loras_with_strengths_and_records_them(model, lora_file, tmp_path, capsys):
@@ -367,7 +373,8 @@ def test_cli_applies_loras_with_strengths_and_records_them(model, lora_file, tmp
     (written,) = capsys.readouterr().out.split()
     with Image.open(written) as png:
         pixels, text = np.asarray(png.convert("RGB")), png.text["parameters"]
-    assert f'Lora hashes: "style: {lora_hash(lora_file)}", Lora weights: "style: 0.6"' in text
+    assert text.startswith("a red circle <lora:style:0.6>\n")
+    assert f'Lora hashes: "style: {lora_hash(lora_file)}"' in text
     assert np.array_equal(pixels, image(merged_reference(model, random_updates(model), 0.6)))
 
 

@@ -19,6 +19,12 @@ embeddings=None, progress=True) -> list[GeneratedImage]`` generates with a
   recorded in the parameters.
 - **LoRAs**: whatever :func:`nai_fast.models.lora.apply_loras` merged into the model's weights is what
   runs; their names, strengths and short hashes are recorded in the parameters.
+- **Prompt tags**: ``<hypernet:NAME:STRENGTH>`` and ``<lora:NAME:STRENGTH>``
+  (:mod:`nai_fast.text.tags`) are removed from the prompt before encoding and kept in the recorded
+  prompt, as in the web UI. txt2img applies nothing itself: each tag must name a network applied at
+  that strength (ValueError otherwise); ``nai-fast generate`` finds them by name in folders
+  (:mod:`nai_fast.engine.assets`). Tags in the negative prompt are not applied (the web UI reads the
+  positive prompt only) and stay text, with a warning.
 - **Seeds**: image ``i`` of a call uses seed ``seed + i`` (as the web UI does), with
   its own CPU ``torch.Generator``: it draws the image's starting latents (float32, on
   the CPU, so CPU and GPU start from the same noise) and then the ancestral sampler's
@@ -42,10 +48,10 @@ embeddings=None, progress=True) -> list[GeneratedImage]`` generates with a
   training loop can call it for sample images.
 
 Files: :class:`GenerationParameters` writes and parses the web UI's "parameters"
-text (``prompt``, ``Negative prompt: ...``, then ``Steps: 28, Sampler: Euler a, CFG
-scale: 11, Seed: 1234, Size: 512x768, Model: name, Hypernet: name, Hypernet strength:
-0.8, Clip skip: 2``: the web UI's keys, in its order, a value quoted as JSON when it
-holds a comma, colon or newline). :func:`save_png` stores it as the PNG's
+text (``prompt <hypernet:name:0.8>``, ``Negative prompt: ...``, then ``Steps: 28, Sampler:
+DPM++ 2M, Schedule type: Karras, CFG scale: 11, Seed: 1234, Size: 512x768, Model: name, Clip
+skip: 2, Lora hashes: "style: 0123456789ab"``: the web UI's keys, in its order, a value quoted as
+JSON when it holds a comma, colon or newline; applied networks as tags in the prompt). :func:`save_png` stores it as the PNG's
 ``parameters`` text chunk; :func:`save_numbered` names files ``00000-1234.png``
 (index-seed), never overwriting one.
 
@@ -74,6 +80,7 @@ from torch import nn
 
 from ..hypernetworks.processors import installed_hypernetworks
 from ..models.lora import installed_loras
+from ..text.tags import NETWORK_KINDS, NetworkTag, extract_network_tags, format_strength
 from .config import DEFAULT_TRAIN_OUTPUT, TRAINED_HYPERNETWORK_FILE
 
 if TYPE_CHECKING:
@@ -115,6 +122,10 @@ _SAMPLER_RECIPES: dict[str, tuple[str, dict[str, Any], str]] = {
     ),
 }
 SAMPLERS: Mapping[str, str] = {name: recipe[2] for name, recipe in _SAMPLER_RECIPES.items()}  # name -> label
+# Since v1.9 the web UI writes a Karras sampler as two fields: "Sampler: DPM++ 2M, Schedule type: Karras".
+_SCHEDULED: Mapping[str, tuple[str, str]] = {"dpmpp_2m_karras": ("DPM++ 2M", "Karras")}
+# "Schedule type: Automatic" is each sampler's own schedule: Karras for DPM++ 2M (the web UI's default).
+_AUTOMATIC = {"DPM++ 2M": "dpmpp_2m_karras"}
 
 SIZE_STEP = 64  # pixels; the SD 1.x U-Net halves the latent three times
 MAX_SEED = 2**32 - 1  # the web UI's seeds: 0 .. 2**32 - 1
@@ -262,6 +273,7 @@ def txt2img(
     """
     width = default_side(model) if width is None else width
     height = default_side(model) if height is None else height
+    text, tags = extract_network_tags(prompt)  # encoded without its tags, as in the web UI
     check_resolution(width, height, model.resolution)
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be at least 1, got {steps} and {batch_size}")
@@ -280,10 +292,17 @@ def txt2img(
     generators = seeded_generators(seed, batch_size)
     hypernetworks = installed_hypernetworks(unet)
     loras = installed_loras(model)
+    applied = {
+        "hypernet": [(net.name or "hypernetwork", strength) for net, strength in hypernetworks],
+        "lora": [(lora.name, strength) for lora, strength in loras],
+    }
+    _check_tags_applied(tags, applied)
+    if extract_network_tags(negative_prompt, strict=False)[1]:
+        logger.warning("network tags in the negative prompt are not applied (as in the web UI): they are encoded as text")
     networks = (model.unet, model.vae, model.text_encoder, *(net for net, _ in hypernetworks))
 
     with torch.inference_mode(), _eval_mode(*networks):
-        cond, uncond = encoder.encode(prompt, negative_prompt, clip_skip=clip_skip)
+        cond, uncond = encoder.encode(text, negative_prompt, clip_skip=clip_skip)
         # Made once: the same tensor at every step, so cached cross-attention K/V apply.
         context = (torch.cat([uncond, cond]) if guided else cond).to(device, dtype)
         context = context.repeat_interleave(batch_size, dim=0)
@@ -313,13 +332,30 @@ def txt2img(
         height=height,
         model=_model_name(model.source),
         clip_skip=clip_skip,
-        hypernetworks=tuple((net.name or "hypernetwork", strength) for net, strength in hypernetworks),
-        loras=tuple((lora.name, strength) for lora, strength in loras),
+        hypernetworks=tuple(applied["hypernet"]),
+        loras=tuple(applied["lora"]),
         lora_hashes=tuple((lora.name, lora.hash) for lora, _ in loras if lora.hash),
     )
     return [
         GeneratedImage(image, GenerationParameters(seed=seed + index, **common)) for index, image in enumerate(images)
     ]
+
+
+def _check_tags_applied(tags: list[NetworkTag], applied: Mapping[str, list[tuple[str, float]]]) -> None:
+    """ValueError unless every tag of the prompt names a network applied at that strength (each
+    applied network answering one tag): txt2img applies nothing itself, so a tag with nothing
+    behind it would silently do nothing. :mod:`nai_fast.engine.assets` finds tagged files by name."""
+    left = {kind: list(pairs) for kind, pairs in applied.items()}
+    for tag in tags:
+        if (tag.name, tag.strength) in left[tag.kind]:
+            left[tag.kind].remove((tag.name, tag.strength))
+            continue
+        what, apply = {"hypernet": ("hypernetwork", "apply_hypernetworks"), "lora": ("LoRA", "apply_loras")}[tag.kind]
+        names = ", ".join(f"{name}:{format_strength(strength)}" for name, strength in applied[tag.kind]) or "none"
+        raise ValueError(
+            f"the prompt's {tag.text} names a {what} not applied at that strength (applied: {names}); apply it "
+            f"first ({apply}), or let `nai-fast generate` find it by name"
+        )
 
 
 def _decode(vae: nn.Module, latents: torch.Tensor) -> list[Image.Image]:
@@ -356,13 +392,19 @@ def _model_name(source: str) -> str:
 class GenerationParameters:
     """What made an image, and the web UI's text for it (:meth:`to_text`, :meth:`from_text`).
 
-    ``sampler`` is a :data:`SAMPLERS` name (a label from another tool is kept as it is).
-    ``hypernetworks``: ``(name, strength)`` pairs, in the order they apply. ``loras``:
-    ``(name, strength)`` pairs, written as ``Lora weights: "name: 0.8, other: 1"`` (ours: the web UI
-    puts ``<lora:name:0.8>`` in the prompt instead); ``lora_hashes``: ``(name, short hash)``, the web
-    UI's ``Lora hashes: "name: 0123456789ab"``. ``extra``:
-    ``(key, value)`` fields of a parsed text this class has no attribute for, written back
-    after the others.
+    ``prompt`` is the prompt as written, network tags (``<lora:name:0.8>``) included.
+    ``sampler`` is a :data:`SAMPLERS` name (a label from another tool is kept as it is; the web UI's
+    ``Sampler: DPM++ 2M, Schedule type: Karras`` and older ``Sampler: DPM++ 2M Karras`` both read
+    as ``dpmpp_2m_karras``). ``hypernetworks`` and ``loras``: ``(name, strength)`` pairs (names are
+    file stems), in the order they apply: every one applied, whether by a tag in the prompt or not.
+    The text carries them as the web UI's does, as tags in the prompt: :meth:`tagged_prompt` is
+    ``prompt`` with a tag appended for each one it does not already carry, which is what
+    :meth:`to_text` writes, so the prompt text alone says what to apply. Reading, the tags in the
+    prompt give them, then the older fields: ``Hypernet: name, Hypernet strength: 0.8`` (the web
+    UI before extra networks) and ``Lora weights: "name: 0.8"`` (nai_fast before tags).
+    ``lora_hashes``: ``(name, short hash)``, the web UI's ``Lora hashes: "name: 0123456789ab"``.
+    ``extra``: ``(key, value)`` fields of a parsed text this class has no attribute for, written
+    back after the others.
     """
 
     prompt: str
@@ -381,27 +423,38 @@ class GenerationParameters:
     lora_hashes: tuple[tuple[str, str], ...] = ()
     extra: tuple[tuple[str, str], ...] = ()
 
+    def tagged_prompt(self) -> str:
+        """``prompt`` with ``<hypernet:name:s>``/``<lora:name:s>`` appended for every network
+        applied that the prompt's own tags do not account for (hypernetworks first, each kind in order)."""
+        _, tags = extract_network_tags(self.prompt, strict=False)
+        present = [(tag.kind, tag.name, tag.strength) for tag in tags]
+        missing = []
+        for kind, pairs in (("hypernet", self.hypernetworks), ("lora", self.loras)):
+            for name, strength in pairs:
+                if (kind, name, float(strength)) in present:
+                    present.remove((kind, name, float(strength)))
+                else:
+                    missing.append(NetworkTag(kind, name, float(strength)).text)
+        return " ".join([self.prompt, *missing]) if self.prompt and missing else self.prompt or " ".join(missing)
+
     def to_text(self) -> str:
+        label, schedule = _SCHEDULED.get(self.sampler, (SAMPLERS.get(self.sampler, self.sampler), None))
         fields: dict[str, object] = {
             "Steps": self.steps,
-            "Sampler": SAMPLERS.get(self.sampler, self.sampler),
+            "Sampler": label,
+            "Schedule type": schedule,
             "CFG scale": _number(self.guidance_scale),
             "Seed": self.seed,
             "Size": f"{self.width}x{self.height}",
             "Model hash": self.model_hash,
             "Model": self.model,
         }
-        for index, (name, strength) in enumerate(self.hypernetworks, start=1):
-            key = "Hypernet" if index == 1 else f"Hypernet {index}"
-            fields[key] = name
-            fields[f"{key} strength"] = None if strength == 1 else _number(strength)  # the web UI omits 1
-        fields["Clip skip"] = None if self.clip_skip == 1 else self.clip_skip  # so does it the last layer
+        fields["Clip skip"] = None if self.clip_skip == 1 else self.clip_skip  # the web UI omits the last layer
         fields["Lora hashes"] = ", ".join(f"{name}: {digest}" for name, digest in self.lora_hashes) or None
-        fields["Lora weights"] = ", ".join(f"{name}: {_number(strength)}" for name, strength in self.loras) or None
         fields.update(self.extra)
         line = ", ".join(f"{key}: {_quoted(str(value))}" for key, value in fields.items() if value is not None)
         negative = f"\nNegative prompt: {self.negative_prompt}" if self.negative_prompt else ""
-        return f"{self.prompt}{negative}\n{line}"
+        return f"{self.tagged_prompt()}{negative}\n{line}"
 
     @classmethod
     def from_text(cls, text: str) -> GenerationParameters:
@@ -413,21 +466,24 @@ class GenerationParameters:
             lines, fields = [*lines, last], {}
         negative_at = next((i for i, line in enumerate(lines) if line.startswith(_NEGATIVE)), len(lines))
         negative = "\n".join(lines[negative_at:]).removeprefix(_NEGATIVE).removeprefix(" ")
-        labels = {label: name for name, label in SAMPLERS.items()}
         defaults = cls(prompt="")
         width, _, height = fields.pop("Size", f"{defaults.width}x{defaults.height}").partition("x")
-        hypernetworks = []
+        prompt = "\n".join(lines[:negative_at])
+        _, tags = extract_network_tags(prompt, strict=False)  # another kind stays text: generate refuses it
+        networks = {kind: [(tag.name, tag.strength) for tag in tags if tag.kind == kind] for kind in NETWORK_KINDS}
+        hypernetworks = networks["hypernet"]
         for index in range(1, len(fields) + 1):
             key = "Hypernet" if index == 1 else f"Hypernet {index}"
             if key not in fields:
                 break
             hypernetworks.append((fields.pop(key), float(fields.pop(f"{key} strength", 1))))
-        sampler = fields.pop("Sampler", defaults.sampler)
+        sampler = _sampler_name(fields.pop("Sampler", None), fields.pop("Schedule type", None))
+        loras = networks["lora"] + [(name, float(value)) for name, value in _named_values(fields.pop("Lora weights", ""))]
         return cls(
-            prompt="\n".join(lines[:negative_at]),
+            prompt=prompt,
             negative_prompt=negative,
             steps=int(fields.pop("Steps", defaults.steps)),
-            sampler=labels.get(sampler, sampler),
+            sampler=sampler or defaults.sampler,
             guidance_scale=float(fields.pop("CFG scale", defaults.guidance_scale)),
             seed=int(fields.pop("Seed", defaults.seed)),
             width=int(width),
@@ -436,7 +492,7 @@ class GenerationParameters:
             model=fields.pop("Model", None),
             clip_skip=int(fields.pop("Clip skip", 1)),
             hypernetworks=tuple(hypernetworks),
-            loras=tuple((name, float(value)) for name, value in _named_values(fields.pop("Lora weights", ""))),
+            loras=tuple(loras),
             lora_hashes=tuple(_named_values(fields.pop("Lora hashes", ""))),
             extra=tuple(fields.items()),
         )
@@ -445,6 +501,20 @@ class GenerationParameters:
 _NEGATIVE = "Negative prompt:"
 # "Key: value" pairs, a value either JSON-quoted or running to the next comma.
 _FIELD = re.compile(r'\s*([^:,"]+?):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def _sampler_name(label: str | None, schedule: str | None) -> str | None:
+    """The :data:`SAMPLERS` name of the web UI's ``Sampler`` (+ ``Schedule type``) fields, or the
+    label as it is (with a schedule other than the sampler's own) where there is none."""
+    if label is None:
+        return None
+    labels = {label: name for name, label in SAMPLERS.items()}
+    if schedule is None:  # before v1.9: "DPM++ 2M Karras" in one field
+        return labels.get(label, label)
+    if schedule == "Automatic":
+        return _AUTOMATIC.get(label) or labels.get(label, label)
+    combined = f"{label} {schedule}"
+    return labels.get(combined, combined)
 
 
 def _parse_fields(line: str) -> dict[str, str]:

@@ -11,6 +11,8 @@ _EXPORTS = {
     "load_tokenizer": "nai_fast.text.tokenizer",
     "load_embeddings": "nai_fast.text.embeddings",
     "Embeddings": "nai_fast.text.embeddings",
+    "extract_network_tags": "nai_fast.text.tags",
+    "NetworkTag": "nai_fast.text.tags",
     "LongPromptEncoder": "nai_fast.text.encoder",
     "encode_chunk_by_chunk": "nai_fast.text.encoder",
 }
