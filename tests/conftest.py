@@ -26,15 +26,14 @@ def pytest_configure(config):
     kernel_proofs.PINNED_SEED = config.getoption("--proof-seed")
 
 
-def pytest_collection_modifyitems(items):
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config, items):
+    """Tests that use the interpreter or compiler workers are ``slow``; ``cuda``-marked tests
+    need a CUDA GPU, unless the GPU check's dry run asks for them on the CPU
+    (tests/gpu_support.py)."""
     for item in items:
         if _SLOW_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
-
-
-def pytest_collection_modifyitems(config, items):
-    """``cuda``-marked tests need a CUDA GPU, unless the GPU check's dry run asks for them on
-    the CPU (tests/gpu_support.py)."""
     if torch.cuda.is_available() or os.environ.get(DRY_RUN_VAR) == "1":
         return
     skip = pytest.mark.skip(reason=f"needs a CUDA GPU ({DRY_RUN_VAR}=1 runs it on the CPU with tiny shapes)")

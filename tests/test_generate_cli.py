@@ -15,6 +15,8 @@ from PIL import Image
 from nai_fast.engine.generate import GenerationParameters
 from nai_fast.hypernetworks.modules import Hypernetwork
 
+pytestmark = pytest.mark.slow  # each test runs the console script
+
 REPO = Path(__file__).resolve().parents[1]
 LONG_PROMPT = ", ".join(["a photo of a cat sitting on a red chair"] * 30)  # about 330 tokens: cut at 225
 

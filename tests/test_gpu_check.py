@@ -22,6 +22,8 @@ if str(BENCHMARKS) not in sys.path:  # the check's modules import each other as 
 from gpu import check, fetch_wheels, publish  # noqa: E402
 from gpu.report import RUNS_HEADER, markdown  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the dry run runs every part in processes of its own
+
 
 def environment(**extra: str) -> dict[str, str]:
     paths = [str(REPO), str(BENCHMARKS), os.environ.get("PYTHONPATH", "")]

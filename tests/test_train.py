@@ -39,6 +39,8 @@ from nai_fast.hypernetworks.modules import Hypernetwork
 from nai_fast.engine.stop import Aborted
 from nai_fast.engine.train import STATE_FILE, RunExists, TrainConfig, TrainingDiverged, TrainingInterrupted, train
 
+pytestmark = pytest.mark.slow  # real training runs, several processes
+
 REPO = Path(__file__).resolve().parents[1]
 SIZES = ((64, 64), (64, 96), (96, 64))
 COLORS = ("red", "green", "blue", "yellow")
