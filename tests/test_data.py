@@ -146,6 +146,7 @@ def _distributed_worker(rank, world_size, init_file, sizes, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
 def test_ranks_under_torch_distributed_get_disjoint_equal_shards(tmp_path):
     sizes = np.random.default_rng(0).integers(50, 400, size=(200, 2))

@@ -358,6 +358,7 @@ def test_auto_mode_on_cuda_falls_back_with_a_logged_reason(monkeypatch, caplog):
     assert "an_op falls back to its eager reference: rows too wide" in caplog.text
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_package_works_without_triton():
     script = textwrap.dedent(
         """

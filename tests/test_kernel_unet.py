@@ -16,6 +16,8 @@ import pytest
 import torch
 from kernel_proofs import fresh_seed, result_of, triton_workers
 
+pytestmark = pytest.mark.slow  # a U-Net training step under Triton's interpreter
+
 # (activation, U-Net trainable too): hypernetwork training, and a fine-tune with a hypernetwork
 CASES = [("relu", False), ("gelu", True)]
 

@@ -1,6 +1,7 @@
 """The package's shape: the public names at its root, the parts' layering, no import cycles."""
 
 import ast
+import functools
 import importlib
 from pathlib import Path
 
@@ -20,6 +21,7 @@ SAME_LAYER = {"cli": {"info"}}  # `nai-fast info` prints what info.py gathers
 READ_BY_ALL = {"nai_fast.models.configs"}
 
 
+@functools.cache
 def modules() -> dict[str, Path]:
     found = {}
     for path in sorted(PACKAGE.rglob("*.py")):

@@ -63,6 +63,7 @@ def definition(text_encoder, ids, clip_skip):
 
 
 @torch.no_grad()
+@pytest.mark.slow  # the real SD 1.x text encoder
 def test_penultimate_layer_of_the_real_sd1_text_encoder(tokenizer):
     text_encoder = clip_text_model()
     assert len(layers_of(text_encoder)) == 12
@@ -321,6 +322,7 @@ def triton_encoder_job(cache_dir: str, layout: str) -> None:
         assert (triton - reference).abs().max() <= 1e-5 * reference.abs().max()
 
 
+@pytest.mark.slow  # the kernel interpreted in a worker process
 @pytest.mark.parametrize("layout", ["a1111", "compact"])
 def test_encoder_through_the_triton_kernel_under_the_interpreter(tokenizer, layout):
     from kernel_proofs import result_of, triton_workers
