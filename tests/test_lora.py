@@ -362,10 +362,12 @@ def test_the_parameters_text_records_loras_and_round_trips():
     assert older.loras == parameters.loras
 
 
-def test_cli_applies_loras_with_strengths_and_records_them(model, lora_file, tmp_path, capsys):
+def test_cli_applies_loras_with_strengths_and_records_them(model, lora_file, tmp_path, capsys, monkeypatch):
     from PIL import Image
 
     from nai_fast.cli import main
+
+    monkeypatch.chdir(tmp_path)  # away from a demo's nai-fast-output/, which --preset tiny would use
 
     argv = ["generate", "--preset", "tiny", "--prompt", "a red circle", "--width", "64", "--height", "64"]
     argv += ["--steps", "2", "--seed", "3", "--output-dir", str(tmp_path), "--lora", f"{lora_file}:0.6"]

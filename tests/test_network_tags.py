@@ -125,6 +125,12 @@ def assets(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(autouse=True)
+def away_from_a_demo_run(tmp_path, monkeypatch):
+    """Without a hypernetwork given, --preset tiny uses a demo's nai-fast-output/ where it runs."""
+    monkeypatch.chdir(tmp_path)
+
+
 def run(capsys, *argv):
     assert main(["generate", *argv]) == 0
     (written,) = capsys.readouterr().out.split()
