@@ -98,7 +98,6 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
-from numbers import Real
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -112,6 +111,7 @@ from .modules import AffineMap, Hypernetwork, HypernetworkModule, compose_affine
 from ..kernels import MLP, kernels_requested
 from ..kernels.hyper_kv import structure_not_supported_reasons
 from ..kernels.policy import takes_cross_attention, takes_hyper_kv
+from ..text.tags import network_strengths
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
@@ -176,7 +176,7 @@ def apply_hypernetworks(
         raise ValueError(f"penalty weights must be finite and non-negative, got {dict(penalty_weights)}")
     installed = _Installed(
         hypernetworks=hypernetworks,
-        strengths=_parse_strengths(1.0 if strengths is None else strengths, len(hypernetworks)),
+        strengths=network_strengths(strengths, len(hypernetworks), "hypernetworks"),
         penalty_weights=dict(penalty_weights),
         original_processors=unet.attn_processors,
         layers_see_the_context=getattr(unet, "encoder_hid_proj", None) is None
@@ -257,19 +257,6 @@ def hypernetwork_penalty(unet: UNet2DConditionModel) -> Tensor:
     if installed is None:
         raise ValueError("no hypernetworks are applied to this U-Net")
     return installed.penalty if installed.penalty is not None else torch.zeros((), device=unet.device)
-
-
-def _parse_strengths(strengths: Strengths, count: int) -> tuple[float, ...]:
-    """One finite strength per hypernetwork, from one number or a sequence of ``count``."""
-    if isinstance(strengths, Real):
-        values = (float(strengths),) * count
-    else:
-        values = tuple(float(strength) for strength in strengths)
-        if len(values) != count:
-            raise ValueError(f"{len(values)} strengths given for {count} hypernetworks")
-    if not all(math.isfinite(value) for value in values):
-        raise ValueError(f"strengths must be finite, got {list(values)}")
-    return values
 
 
 def _is_bare_linear(module: nn.Module) -> bool:
@@ -363,7 +350,7 @@ class _Installed:
         if hypernetwork_strength is None:
             return self.strengths
         if self._call_strengths is None or self._call_strengths[0] is not hypernetwork_strength:
-            parsed = _parse_strengths(hypernetwork_strength, len(self.hypernetworks))
+            parsed = network_strengths(hypernetwork_strength, len(self.hypernetworks), "hypernetworks")
             self._call_strengths = (hypernetwork_strength, parsed)
         return self._call_strengths[1]
 

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -66,6 +65,7 @@ import torch
 from torch import Tensor, nn
 
 from ..safe_load import error_reason, load_weights_only
+from ..text.tags import network_strengths
 
 __all__ = [
     "COMPONENTS",
@@ -435,7 +435,7 @@ def apply_loras(
     loras = (loras,) if isinstance(loras, Lora) else tuple(loras)
     if not all(isinstance(lora, Lora) for lora in loras):
         raise TypeError("loras must be a Lora or a sequence of them (see load_lora)")
-    values = _strengths(strengths, len(loras))
+    values = network_strengths(strengths, len(loras), "LoRAs")
     # Resolve and check everything first: a refused LoRA changes nothing.
     updates: dict[str, dict[nn.Module, list[tuple[LoraLayer, float]]]] = {c: {} for c in networks}
     for lora, strength in zip(loras, values):
@@ -504,20 +504,6 @@ def _networks(model: Any) -> dict[str, nn.Module]:
             "model must have a unet and/or text_encoder (a StableDiffusion, a diffusers pipeline, or a mapping)"
         )
     return networks
-
-
-def _strengths(strengths: float | Sequence[float] | None, count: int) -> tuple[float, ...]:
-    if strengths is None:
-        values = (1.0,) * count
-    elif isinstance(strengths, (int, float)):
-        values = (float(strengths),) * count
-    else:
-        values = tuple(float(value) for value in strengths)
-        if len(values) != count:
-            raise ValueError(f"{len(values)} strengths given for {count} LoRAs")
-    if not all(math.isfinite(value) for value in values):
-        raise ValueError(f"strengths must be finite, got {list(values)}")
-    return values
 
 
 def _resolve(lora: Lora, networks: Mapping[str, nn.Module]) -> list[tuple[str, nn.Module, LoraLayer]]:

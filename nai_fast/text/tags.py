@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
+from numbers import Real
 from typing import NamedTuple
 
-__all__ = ["NETWORK_KINDS", "NetworkTag", "extract_network_tags", "format_strength"]
+__all__ = ["NETWORK_KINDS", "NetworkTag", "extract_network_tags", "format_strength", "network_strengths"]
 
 NETWORK_KINDS = ("hypernet", "lora")
 # The web UI's extra-network syntax (modules/extra_networks.py): <kind:arguments>.
@@ -89,3 +91,19 @@ def _tag(kind: str, arguments: str, text: str) -> NetworkTag:
     if not math.isfinite(strength):
         raise ValueError(f"prompt tag {text!r}: the strength must be finite, got {rest[0]!r}")
     return NetworkTag(kind, name, strength)
+
+
+def network_strengths(strengths: float | Sequence[float] | None, count: int, what: str) -> tuple[float, ...]:
+    """One finite strength per network, from None (1 each), one number for all, or a sequence of
+    ``count``; ``what`` names the networks in the error (``"LoRAs"``)."""
+    if strengths is None:
+        values = (1.0,) * count
+    elif isinstance(strengths, Real):
+        values = (float(strengths),) * count
+    else:
+        values = tuple(float(strength) for strength in strengths)
+        if len(values) != count:
+            raise ValueError(f"{len(values)} strengths given for {count} {what}")
+    if not all(math.isfinite(value) for value in values):
+        raise ValueError(f"strengths must be finite, got {list(values)}")
+    return values
