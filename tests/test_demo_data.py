@@ -41,3 +41,20 @@ def test_scan_reads_every_image_and_its_tags(tmp_path):
 def test_needs_at_least_one_image(tmp_path):
     with pytest.raises(ValueError, match="at least 1"):
         make_demo_dataset(tmp_path, 0)
+
+
+def test_the_outline_style_draws_the_same_scenes_ringed_in_black(tmp_path):
+    from nai_fast.engine.demo_data import OUTLINE_COLOR
+
+    plain = make_demo_dataset(tmp_path / "plain", 12, seed=5)
+    outlined = make_demo_dataset(tmp_path / "outlined", 12, seed=5, outline=True)
+    for tags_file in sorted(plain.glob("*.txt")):
+        assert (outlined / tags_file.name).read_text() == tags_file.read_text()
+        before = np.asarray(Image.open(tags_file.with_suffix(".png")))
+        after = np.asarray(Image.open(outlined / tags_file.with_suffix(".png").name))
+        changed = (before != after).any(-1)
+        assert (after[changed] == OUTLINE_COLOR).all()  # only a black ring is added
+        color, background = tags_file.read_text().split(" ")[0], tags_file.read_text().split(", ")[2].split(" ")[0]
+        assert changed.any() == (COLORS[background] != OUTLINE_COLOR)
+        if COLORS[color] != OUTLINE_COLOR:  # the shape keeps its pixels: the ring lies outside it
+            assert ((before == COLORS[color]).all(-1) <= (after == COLORS[color]).all(-1)).all()

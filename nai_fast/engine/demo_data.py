@@ -3,16 +3,24 @@
 Each image is one coloured shape on a plain background, at one of several aspect ratios,
 with a ``.txt`` file of tags in the style of tag-trained models:
 ``red circle, large, blue background, top left``. The set is a pure function of its seed.
+
+``outline=True`` draws the same set in a style the base model never sees: a thick black outline
+around every shape (the demo's hypernetwork learns it; the tags stay the same).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-__all__ = ["COLORS", "POSITIONS", "SHAPES", "SIZES", "make_demo_dataset"]
+if TYPE_CHECKING:
+    from PIL import Image
+
+__all__ = ["COLORS", "OUTLINE_COLOR", "OUTLINE_WIDTH", "POSITIONS", "SHAPES", "SIZES", "Scene", "make_demo_dataset"]
 
 COLORS = {
     "red": (220, 40, 40),
@@ -34,36 +42,72 @@ POSITIONS = {
 }
 # (width, height): square, portrait and landscape, small enough for CPU training
 SIZES = ((192, 192), (160, 224), (224, 160), (128, 256), (256, 128))
+# The outline style: its colour is the palette's black, its width this fraction of the image's shorter side
+OUTLINE_COLOR = COLORS["black"]
+OUTLINE_WIDTH = 0.04
 
 
-def make_demo_dataset(folder: str | os.PathLike[str], count: int = 64, seed: int = 0) -> Path:
+@dataclass(frozen=True)
+class Scene:
+    """One picture of the set: what it shows, and its tags."""
+
+    color: str  # a key of COLORS
+    shape: str  # one of SHAPES
+    large: bool
+    background: str  # a key of COLORS, not ``color``
+    position: str  # a key of POSITIONS
+
+    @property
+    def tags(self) -> list[str]:
+        return [
+            f"{self.color} {self.shape}",
+            "large" if self.large else "small",
+            f"{self.background} background",
+            self.position,
+        ]
+
+    @property
+    def caption(self) -> str:
+        return ", ".join(self.tags)
+
+    @classmethod
+    def draw_random(cls, rng: np.random.Generator) -> Scene:
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        color, background = rng.choice(list(COLORS), size=2, replace=False)
+        position = list(POSITIONS)[rng.integers(len(POSITIONS))]
+        return cls(str(color), shape, bool(rng.integers(2)), str(background), position)
+
+    def render(self, width: int, height: int, *, outline: bool = False) -> Image.Image:
+        """The scene drawn on a ``width`` x ``height`` canvas (``outline``: in the outline style)."""
+        from PIL import Image, ImageDraw  # lazily: the CLI imports this module only to train
+
+        image = Image.new("RGB", (width, height), COLORS[self.background])
+        radius = (0.22 if self.large else 0.12) * min(width, height)
+        fx, fy = POSITIONS[self.position]
+        box = _shape_box(fx * width, fy * height, radius)
+        border = round(OUTLINE_WIDTH * min(width, height)) if outline else 0
+        _draw(ImageDraw.Draw(image), self.shape, box, COLORS[self.color], border)
+        return image
+
+
+def make_demo_dataset(
+    folder: str | os.PathLike[str], count: int = 64, seed: int = 0, *, outline: bool = False
+) -> Path:
     """Write ``count`` images (``00000.png``...) and their tags (``00000.txt``) into ``folder``.
 
-    Files already there with the same names are overwritten; returns the folder.
+    The same seed draws the same scenes with and without ``outline``. Files already there
+    with the same names are overwritten; returns the folder.
     """
-    from PIL import Image, ImageDraw  # lazily: the CLI imports this module only to train
-
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    colors = list(COLORS)
     for index in range(count):
         width, height = SIZES[rng.integers(len(SIZES))]
-        shape = SHAPES[rng.integers(len(SHAPES))]
-        color, background = rng.choice(colors, size=2, replace=False)
-        position = list(POSITIONS)[rng.integers(len(POSITIONS))]
-        large = bool(rng.integers(2))
-
-        image = Image.new("RGB", (width, height), COLORS[background])
-        radius = (0.22 if large else 0.12) * min(width, height)
-        fx, fy = POSITIONS[position]
-        box = _shape_box(fx * width, fy * height, radius)
-        _draw(ImageDraw.Draw(image), shape, box, COLORS[color])
-        image.save(folder / f"{index:05d}.png")
-        tags = f"{color} {shape}, {'large' if large else 'small'}, {background} background, {position}"
-        (folder / f"{index:05d}.txt").write_text(tags + "\n", encoding="utf-8")
+        scene = Scene.draw_random(rng)
+        scene.render(width, height, outline=outline).save(folder / f"{index:05d}.png")
+        (folder / f"{index:05d}.txt").write_text(scene.caption + "\n", encoding="utf-8")
     return folder
 
 
@@ -71,7 +115,10 @@ def _shape_box(x: float, y: float, radius: float) -> tuple[float, float, float, 
     return x - radius, y - radius, x + radius, y + radius
 
 
-def _draw(draw, shape: str, box: tuple[float, float, float, float], fill: tuple[int, int, int]) -> None:
+def _draw(draw, shape: str, box: tuple[float, float, float, float], fill: tuple[int, int, int], border: int) -> None:
+    if border:  # the outline lies outside the shape, so the shape keeps its size and colour
+        left, top, right, bottom = box
+        _draw(draw, shape, (left - border, top - border, right + border, bottom + border), OUTLINE_COLOR, 0)
     left, top, right, bottom = box
     if shape == "circle":
         draw.ellipse(box, fill=fill)
