@@ -48,6 +48,10 @@ _EXPORTS = {
     "COLORS": "nai_fast.engine.demo_data",
     "SHAPES": "nai_fast.engine.demo_data",
     "POSITIONS": "nai_fast.engine.demo_data",
+    "Scene": "nai_fast.engine.demo_data",
+    "detect": "nai_fast.demo.fidelity",
+    "evaluate": "nai_fast.demo.fidelity",
+    "FidelityReport": "nai_fast.demo.fidelity",
 }
 __all__ = ["__version__", *_EXPORTS]
 

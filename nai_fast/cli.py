@@ -31,6 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_generate(commands)
     _add_train(commands)
     _add_info(commands)
+    _add_eval(commands)
+    _add_demo(commands)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.argv = argv  # as typed: `train` prints it back, with --resume, when a signal stops the run
@@ -187,7 +189,7 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
     )
     source = command.add_mutually_exclusive_group()
     source.add_argument(
-        "--preset", choices=_MODEL_PRESETS, help="a built-in model with random weights (tiny: small, fast, for demos)"
+        "--preset", choices=_MODEL_PRESETS, help="a built-in model: tiny (trained on the demo's shapes), tiny-random or sd15 (random weights)"
     )
     source.add_argument(
         "--model",
@@ -368,10 +370,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .hypernetworks.processors import apply_hypernetworks
     from .engine.generate import DEFAULT_TRAIN_OUTPUT, TRAINED_HYPERNETWORK_FILE, save_numbered, txt2img
-    from .hypernetworks.modules import Hypernetwork
-    from .models.load import load_model
     from .text.embeddings import load_embeddings
     from .text.encoder import LongPromptEncoder
 
@@ -390,14 +389,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     for name in getattr(args, "png_embeddings", ()):
         if name not in embeddings:
             raise ValueError(f"the PNG's prompt uses the embedding {name!r}, not found in --embeddings-dir")
-    model = load_model(args.model or args.preset, vae=args.vae)
-    model.to(device, None if dtype == model.unet.dtype else dtype)
-    if hypernetworks:
-        networks = [Hypernetwork.load(path).to(device) for path, _ in hypernetworks]
-        for network, (path, _) in zip(networks, hypernetworks):
-            network.name = Path(path).stem  # the name a prompt tag finds it by, as in the web UI
-        # Refuses a hypernetwork made for another model (it would change nothing).
-        apply_hypernetworks(model.unet, networks, [strength for _, strength in hypernetworks])
+    model = _load_model(args.model or args.preset, hypernetworks, device, dtype, vae=args.vae)
     if loras:
         from .models.lora import apply_loras, load_lora
 
@@ -427,6 +419,25 @@ def _run_generate(args: argparse.Namespace) -> int:
         for generated in images:
             print(save_numbered(generated, args.output_dir))  # makes the folder with the first image
     return 0
+
+
+def _load_model(source, hypernetworks: list[tuple[str, float]], device, dtype, vae: str | None = None):
+    """The model ``source`` names on ``device`` in ``dtype``, with ``hypernetworks`` applied."""
+    from pathlib import Path
+
+    from .hypernetworks.modules import Hypernetwork
+    from .hypernetworks.processors import apply_hypernetworks
+    from .models.load import load_model
+
+    model = load_model(source, vae=vae)
+    model.to(device, None if dtype == model.unet.dtype else dtype)
+    if hypernetworks:
+        networks = [Hypernetwork.load(path).to(device) for path, _ in hypernetworks]
+        for network, (path, _) in zip(networks, hypernetworks):
+            network.name = Path(path).stem  # the name a prompt tag finds it by, as in the web UI
+        # Refuses a hypernetwork made for another model (it would change nothing).
+        apply_hypernetworks(model.unet, networks, [strength for _, strength in hypernetworks])
+    return model
 
 
 def _settings_from_png(args: argparse.Namespace) -> None:
@@ -617,6 +628,125 @@ def _run_info(args: argparse.Namespace) -> int:
     for size, rows in info.get("kernel_costs", {}).items():
         print(f"\nfused kernels at {size}, {args.chunks} prompt chunk(s), float16, per call:\n")
         print(format_kernel_costs(rows))
+    return 0
+
+
+def _add_eval(commands: argparse._SubParsersAction) -> None:
+    command = commands.add_parser(
+        "eval",
+        help="score how well a model draws tag prompts of the demo's vocabulary",
+        description="Generate an image for each of N random tag prompts of the demo vocabulary (red circle, large, "
+        "blue background, top left), seed i for prompt i, at each size, with Euler a, and judge each with a simple "
+        "detector (nai_fast.demo.fidelity): the background colour, the shape's colour and its position; also "
+        "whether the shape has the demo style's black outline. Prints the share right per size, for the tags in "
+        "the order written and shuffled.",
+    )
+    source = command.add_mutually_exclusive_group()
+    source.add_argument("--preset", choices=_MODEL_PRESETS, default="tiny", help="a built-in model (default: tiny)")
+    source.add_argument("--model", metavar="PATH", help="a diffusers folder or a single .safetensors/.ckpt checkpoint")
+    command.add_argument(
+        "--hypernetwork",
+        metavar="FILE[:STRENGTH]",
+        action="append",
+        default=[],
+        type=_hypernetwork_argument,
+        help="apply a hypernetwork; repeat for several",
+    )
+    command.add_argument("--prompts", type=_positive_int, default=96, help="random prompts, seeds 0..N-1 (default: 96)")
+    command.add_argument(
+        "--size",
+        metavar="WxH",
+        action="append",
+        type=_size_argument,
+        help="image size; repeat for several (default: the model's square, portrait and landscape buckets, "
+        "128x128, 128x192 and 192x128 for tiny)",
+    )
+    command.add_argument(
+        "--order", choices=("written", "shuffled", "both"), default="both", help="tag order of the prompts (default: both)"
+    )
+    command.add_argument("--steps", type=_positive_int, default=20, help="Euler a steps (default: 20)")
+    command.add_argument(
+        "--scale", type=float, default=_GENERATE_DEFAULTS["scale"], help="guidance scale (default: generate's, 11)"
+    )
+    command.add_argument("--images-dir", metavar="DIR", help="also save every image there, with its parameters")
+    command.add_argument("--device", help="torch device (default: the GPU if there is one, else cpu)")
+    command.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    command.set_defaults(run=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    _check_exists("--model", args.model)
+    for path, _ in args.hypernetwork:
+        _check_exists("--hypernetwork", path, file=True)
+    for width, height in args.size or ():
+        if width <= 0 or height <= 0 or width % _SIZE_STEP or height % _SIZE_STEP:
+            raise ValueError(f"--size {width}x{height}: sides must be positive multiples of {_SIZE_STEP}")
+    import torch
+
+    from .demo.fidelity import evaluate, random_scenes, standard_sizes
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = _load_model(args.model or args.preset, args.hypernetwork, device, torch.float32)
+    sizes = args.size or standard_sizes(model)
+    scenes = random_scenes(args.prompts)
+    orders = ("written", "shuffled") if args.order == "both" else (args.order,)
+    reports = {}
+    for order in orders:
+        save = None
+        if args.images_dir is not None:
+            from .engine.generate import save_png
+
+            folder = os.path.join(args.images_dir, order)
+
+            def save(index, size, generated, folder=folder):
+                os.makedirs(folder, exist_ok=True)
+                save_png(generated.image, os.path.join(folder, f"{index:05d}-{size[0]}x{size[1]}.png"), generated.parameters)
+
+        reports[order] = evaluate(
+            model, scenes, sizes, shuffled=order == "shuffled", steps=args.steps, guidance_scale=args.scale,
+            progress=sys.stderr.isatty(), on_image=save,
+        )
+    if args.json:
+        print(json.dumps({order: report.as_dict() for order, report in reports.items()}, indent=2))
+        return 0
+    name = args.model or f"preset {args.preset}"
+    with_networks = "".join(f" + {path}:{strength:g}" for path, strength in args.hypernetwork)
+    for order, report in reports.items():
+        print(f"{name}{with_networks}: {args.prompts} prompts, tags {order}, Euler a {args.steps} steps, scale {args.scale:g}")
+        print(report.table() + "\n")
+    return 0
+
+
+def _add_demo(commands: argparse._SubParsersAction) -> None:
+    command = commands.add_parser(
+        "demo",
+        help="draw with the tiny model without and with the demo's style hypernetwork, and measure the style",
+        description="The demo's last step, after `nai-fast train --preset tiny` learned the outline style from "
+        "its generated shapes: draws the same prompts with the tiny model without and with that hypernetwork at "
+        "three aspect ratios, writes a contact sheet (row one without, row two with) and every PNG with its "
+        "parameters, and prints how often the black outline shows and how well the prompts are followed, "
+        "without and with it.",
+    )
+    command.add_argument(
+        "--hypernetwork",
+        metavar="FILE",
+        default=os.path.join(_TRAIN_OUTPUT, TRAINED_HYPERNETWORK_FILE),
+        help=f"the style hypernetwork (default: {_TRAIN_OUTPUT}/{TRAINED_HYPERNETWORK_FILE}, where `nai-fast train "
+        "--preset tiny` writes it)",
+    )
+    command.add_argument("--output-dir", metavar="DIR", default="nai-fast-images", help="where the images go")
+    command.add_argument("--prompts", type=_positive_int, default=12, help="random prompts measured, at each size (default: 12)")
+    command.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    if not os.path.isfile(args.hypernetwork):
+        raise FileNotFoundError(
+            f"--hypernetwork {args.hypernetwork}: no such file; train it first: nai-fast train --preset tiny"
+        )
+    from .demo.showcase import showcase
+
+    print(showcase(args.hypernetwork, args.output_dir, prompts=args.prompts, progress=sys.stderr.isatty()).summary())
     return 0
 
 

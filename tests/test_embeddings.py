@@ -25,7 +25,7 @@ from nai_fast.text.prompts import (
     tokenize_runs,
 )
 
-WIDTH = 64  # the tiny preset's text encoder
+WIDTH = 32  # the tiny preset's text encoder
 
 
 # -- files, as the web UI and diffusers write them ---------------------------------------------------
@@ -96,7 +96,7 @@ def test_folders_are_searched_recursively_and_paths_may_be_listed(tmp_path):
 def test_a_wrong_width_is_refused_by_file_name(tmp_path):
     webui_pt(tmp_path / "sd2-style.pt", torch.randn(2, 1024))
     with pytest.raises(ValueError, match=r"embedding 'sd2-style' \(.*sd2-style\.pt\) has vectors of width 1024, "
-                       r"but the text encoder's are 64 wide"):  # fmt: skip
+                       r"but the text encoder's are 32 wide"):  # fmt: skip
         load_embeddings(tmp_path, width=WIDTH)
     assert load_embeddings(tmp_path)["sd2-style"].shape == (2, 1024)  # no width given: not checked
 
@@ -123,7 +123,7 @@ def test_a_pickle_that_needs_code_is_refused_and_never_run(tmp_path):
         ({"a": torch.randn(1, WIDTH), "b": torch.randn(1, WIDTH)}, "not an embedding: expected"),
         ({"clip_l": torch.randn(1, 768), "clip_g": torch.randn(1, 1280)}, "an SDXL embedding"),
         ({"emb_params": torch.ones(2, WIDTH, dtype=torch.int64)}, "floating-point tensor"),
-        ({"emb_params": torch.randn(2, 3, WIDTH)}, r"\[n, width\], found shape \[2, 3, 64\]"),
+        ({"emb_params": torch.randn(2, 3, WIDTH)}, r"\[n, width\], found shape \[2, 3, 32\]"),
         ({"emb_params": torch.full((1, WIDTH), float("nan"))}, "NaN or infinite"),
         ({}, "not an embedding"),
     ],
@@ -358,7 +358,7 @@ def test_batched_encoding_matches_chunk_by_chunk_with_embeddings_at_chunk_border
 def test_the_encoder_refuses_embeddings_it_cannot_use_by_name(tiny, tmp_path):
     webui_pt(tmp_path / "sd1-style.pt", torch.randn(2, 768))
     with pytest.raises(ValueError, match=r"embedding 'sd1-style' \(.*sd1-style\.pt\) has vectors of width 768, "
-                       r"but this text encoder's are 64 wide"):  # fmt: skip
+                       r"but this text encoder's are 32 wide"):  # fmt: skip
         encoder(tiny, embeddings=load_embeddings(tmp_path))
     with pytest.raises(ValueError, match="'x' has 76 vectors; at most 75"):
         encoder(tiny, embeddings={"x": torch.randn(76, WIDTH)})

@@ -201,7 +201,7 @@ def test_long_prompts_pad_the_negative_to_the_same_chunk_count(model):
     long_prompt = ", ".join(["a photo of a cat sitting on a red chair"] * 12)  # about 120 tokens: 2 chunks
     with UNetCalls(model.unet) as calls:
         (generated,) = txt2img(model, long_prompt, negative_prompt="lowres", **{**FAST, "steps": 1})
-    assert calls[0][1].shape == (2, 2 * 77, 64)
+    assert calls[0][1].shape == (2, 2 * 77, model.text_encoder.config.hidden_size)
     assert generated.parameters.prompt == long_prompt
 
 

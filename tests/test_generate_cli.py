@@ -151,7 +151,7 @@ def test_an_embedding_for_another_model_is_refused_naming_its_file(tmp_path):
                tmp_path / "embeddings" / "sd1-style.pt")  # fmt: skip
     result = generate("--preset", "tiny", "--embeddings-dir", "embeddings", cwd=tmp_path, prompt="sd1-style, a cat")
     assert_refused(result, "embedding 'sd1-style' (embeddings/sd1-style.pt) has vectors of width 768, but this text "
-                   "encoder's are 64 wide")  # fmt: skip
+                   "encoder's are 32 wide")  # fmt: skip
     assert not (tmp_path / "out").exists()
 
 
@@ -161,8 +161,8 @@ def test_embeddings_from_several_dirs_are_used_by_name(tmp_path):
 
     for folder in ("one", "two"):
         (tmp_path / folder).mkdir()
-    save_file({"emb_params": torch.randn(2, 64)}, tmp_path / "one" / "style.safetensors")
-    save_file({"<token>": torch.randn(64)}, tmp_path / "two" / "learned_embeds.safetensors")
+    save_file({"emb_params": torch.randn(2, 32)}, tmp_path / "one" / "style.safetensors")  # the tiny model's width
+    save_file({"<token>": torch.randn(32)}, tmp_path / "two" / "learned_embeds.safetensors")
     result = generate("--preset", "tiny", "--seed", "1", "--embeddings-dir", "one", "--embeddings-dir", "two",
                       cwd=tmp_path, prompt="(style:1.2), learned_embeds, a cat")  # fmt: skip
     assert result.returncode == 0, result.stderr

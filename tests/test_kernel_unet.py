@@ -34,7 +34,15 @@ def training_step_job(case, seed: int) -> dict:
 
     activation, train_unet = case
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_config(load_config("tiny", "unet")).requires_grad_(train_unet)
+    # The tiny U-Net cut to two levels with attention at the top one (4 transformer blocks, so the
+    # interpreter stays quick), and a 64-wide context unlike any self-attention width.
+    config = load_config("tiny", "unet") | {
+        "block_out_channels": [32, 64],
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "cross_attention_dim": 64,
+    }
+    unet = UNet2DConditionModel.from_config(config).requires_grad_(train_unet)
     # Widths 32 (self-attention) and 64 (mid-block self-attention, and the text context).
     hypernetwork = Hypernetwork(widths=(32, 64), activation=activation, weight_init="XavierNormal")
     apply_hypernetworks(unet, hypernetwork, strengths=0.7, penalty_weights={32: 0.5})
@@ -78,7 +86,7 @@ def steps():
 def test_training_step_equals_the_eager_processors(steps, case):
     results = steps[case]
     blocks = results["blocks"]  # each with one self-attention (attn1) and one cross-attention (attn2)
-    assert blocks == 4, "the tiny U-Net: down 0, mid, up 1 (two blocks)"
+    assert blocks == 4, "down 0, mid, up 1 (two blocks)"
     assert results["triton calls"] == {"hyper_kv": 2 * blocks, "cross_attention": blocks}, "K, V: a call each"
     assert results["reference calls"] == {}, "the eager run used no kernel"
     (kernel_loss, kernel_grads), (eager_loss, eager_grads) = results["triton"], results["reference"]

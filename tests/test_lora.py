@@ -214,12 +214,12 @@ def test_unknown_module_names_are_refused_by_name(model, tmp_path):
 
 
 def test_wrong_widths_are_refused_by_name(model, tmp_path):
-    # An SD 1.x-wide cross-attention to_k (768 context) on the tiny model (64).
+    # An SD 1.x-wide cross-attention to_k (768 context) on the tiny model (32).
     state = {"lora_unet_" + CROSS_TO_K.replace(".", "_") + ".lora_down.weight": torch.zeros(RANK, 768),
              "lora_unet_" + CROSS_TO_K.replace(".", "_") + ".lora_up.weight": torch.zeros(32, RANK)}  # fmt: skip
     message = refused(model, state, tmp_path)
     assert "do not fit this model's widths" in message
-    assert "attn2_to_k: down (4, 768) and up (32, 4) do not fit the weight (32, 64)" in message
+    assert "attn2_to_k: down (4, 768) and up (32, 4) do not fit the weight (32, 32)" in message
 
 
 def test_sdxl_files_are_refused_by_name(model, tmp_path):

@@ -14,7 +14,7 @@ PACKAGE = Path(nai_fast.__file__).parent
 # Each part may import the parts before it in this order, never the ones after it. Two leaves sit
 # below every part: files.py (atomic writes, standard library only) and safe_load.py (every weight
 # file is read through it; text/ reads embeddings, below models/).
-LAYERS = ["files", "safe_load", "kernels", "data", "text", "models", "hypernetworks", "engine", "cli", "info"]
+LAYERS = ["files", "safe_load", "kernels", "data", "text", "models", "hypernetworks", "engine", "demo", "cli", "info"]
 SAME_LAYER = {"cli": {"info"}}  # `nai-fast info` prints what info.py gathers
 # Shipped JSON and its one-function reader: any part may read the SD 1.x configs (kernels/shapes
 # derives attention shapes from the U-Net's).

@@ -72,7 +72,7 @@ class Settings:
     @classmethod
     def for_run(cls, dry_run: bool) -> Settings:
         if dry_run:
-            return cls("tiny", torch.device("cpu"), torch.float32, 128, 2, 1, 2, 1, 128, 192, 2, torch.bfloat16, 1, 2)
+            return cls("tiny-random", torch.device("cpu"), torch.float32, 128, 2, 1, 2, 1, 128, 192, 2, torch.bfloat16, 1, 2)
         return cls("sd15", torch.device("cuda"), torch.float16, 512, 20, 3, 20, 2, 512, 768, 4, torch.bfloat16, 2, 5)
 
 

@@ -39,7 +39,7 @@ __all__ = [
 
 # nai_fast.models.presets.PRESETS, spelled out here because that module imports torch
 # (tests/test_generate.py checks the two agree).
-MODEL_PRESETS = ("sd15", "tiny")
+MODEL_PRESETS = ("sd15", "tiny", "tiny-random")
 
 DEFAULT_TRAIN_OUTPUT = "nai-fast-output"  # `nai-fast train`'s default output folder; `generate --preset tiny` looks there
 TRAINED_HYPERNETWORK_FILE = "hypernetwork.safetensors"  # a trained hypernetwork, as `nai-fast generate` finds it
@@ -107,7 +107,7 @@ class TrainConfig:
             "the model to train",
             alternatives={
                 "--preset": option(
-                    "a built-in model with random weights (default: tiny, for demos)", choices=MODEL_PRESETS
+                    "a built-in model: tiny (trained on the demo's shapes, the default), tiny-random or sd15 (random weights)", choices=MODEL_PRESETS
                 ),
                 "--model": option("a diffusers folder or a single .safetensors/.ckpt checkpoint", metavar="PATH"),
             },
@@ -116,8 +116,8 @@ class TrainConfig:
     data: str | None = field(
         default=None,  # None: a demo dataset (tiny preset only)
         metadata=option(
-            "images with .txt tags beside them (default with --preset tiny: a small procedural dataset made "
-            "once in OUTPUT_DIR/demo-data)",
+            "images with .txt tags beside them (default with --preset tiny: the demo's tagged shapes, drawn with a "
+            "thick black outline the tiny model never saw, made once in OUTPUT_DIR/demo-data)",
             metavar="DIR",
         ),
     )

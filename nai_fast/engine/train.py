@@ -429,14 +429,15 @@ class _Run:
     def _demo_data(self) -> Path:
         """The tiny preset's procedural dataset in ``output_dir/demo-data``, made once (by rank 0,
         in a temporary folder renamed when complete, so an interrupted run never leaves half of it)."""
-        if self.config.model != "tiny":
+        if not self.config.model.startswith("tiny"):
             raise ValueError("data is required: the built-in demo dataset is made for the tiny preset only")
         folder = self.output_dir / DEMO_DATA_DIR
         if self.session.is_main and not folder.is_dir():
             from .demo_data import make_demo_dataset
 
             partial = folder.with_name(f".{DEMO_DATA_DIR}.tmp-{os.getpid()}")
-            make_demo_dataset(partial, count=64, seed=0)
+            # In the outline style, which the tiny model never saw: the demo's hypernetwork learns it.
+            make_demo_dataset(partial, count=64, seed=0, outline=True)
             os.replace(partial, folder)
         self.session.barrier()
         return folder

@@ -19,13 +19,13 @@ def load_model(
     source: str | os.PathLike[str],
     *,
     vae: str | os.PathLike[str] | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     prediction_type: str | None = None,
 ) -> StableDiffusion:
     """The model a preset name or a path names (see the module doc).
 
     ``vae``: a separate VAE file (``.vae.pt``, ``.safetensors``) replacing the model's own.
-    ``seed`` draws a preset's random weights.
+    ``seed`` draws a random preset's weights (an error for a trained one: ``tiny``).
     ``prediction_type``: ``"epsilon"`` or ``"v_prediction"``, overriding the source's. SD 1.x
     weights do not tell which they predict, so a single file means ``"epsilon"`` unless told.
 

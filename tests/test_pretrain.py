@@ -1,0 +1,62 @@
+"""The tiny model's pretraining script on a tiny budget, and the shipped weights."""
+
+import csv
+
+import pytest
+import torch
+
+from nai_fast.demo import pretrain
+from nai_fast.models.load import load_model
+from nai_fast.models.presets import PRETRAINED_WEIGHTS, load_pretrained_weights, pretrained_weights_path
+
+
+def _column(path, name):
+    with open(path, newline="") as file:
+        return [float(row[name]) for row in csv.DictReader(file)]
+
+
+@pytest.mark.slow
+def test_the_first_steps_of_pretraining_lower_both_losses_and_write_loadable_weights(tmp_path):
+    weights = tmp_path / "tiny.safetensors"
+    budget = ["--images", "48", "--vae-images", "16", "--vae-steps", "40", "--text-steps", "40", "--unet-steps", "40",
+              "--batch-size", "8", "--text-batch-size", "16"]  # fmt: skip
+    assert pretrain.main(["--output-dir", str(tmp_path / "run"), "--weights", str(weights), "--no-progress", *budget]) == 0
+
+    vae = _column(tmp_path / "run" / "vae_log.csv", "mse")
+    text = _column(tmp_path / "run" / "text_log.csv", "loss")
+    unet = _column(tmp_path / "run" / "unet" / "training_log.csv", "loss")
+    assert len(vae) == len(text) == len(unet) == 40
+    assert sum(vae[-5:]) < 0.8 * sum(vae[:5])
+    assert sum(text[-5:]) < sum(text[:5])
+    assert sum(unet[-10:]) < sum(unet[:10])
+    assert (tmp_path / "run" / "loss.png").is_file()
+
+    model = load_model("tiny-random")
+    metadata = load_pretrained_weights(weights, unet=model.unet, vae=model.vae, text_encoder=model.text_encoder)
+    assert metadata["made_by"] == "python -m nai_fast.demo.pretrain"
+    assert model.vae.config.scaling_factor == pytest.approx(float(metadata["vae_scaling_factor"]))
+
+
+def test_the_shipped_weights_load_offline_in_float32_and_are_not_the_random_ones():
+    path = pretrained_weights_path("tiny")
+    assert path.is_file() and path.stat().st_size <= 10 * 2**20, "the package ships at most 10 MB of weights"
+    trained, random = load_model("tiny"), load_model("tiny-random")
+    assert trained.unet.dtype == torch.float32 and trained.source == "preset tiny"
+    for name, parameter in trained.unet.named_parameters():
+        assert not torch.equal(parameter, dict(random.unet.named_parameters())[name]), name
+    assert trained.vae.config.scaling_factor != random.vae.config.scaling_factor
+    assert set(PRETRAINED_WEIGHTS) == {"tiny"}
+
+
+def test_a_weights_file_for_other_networks_is_refused(tmp_path):
+    from nai_fast.models.presets import save_pretrained_weights
+    from nai_fast.models.stable_diffusion import ModelFileError
+
+    small = load_model("tiny-random")
+    save_pretrained_weights(tmp_path / "w.safetensors", {}, unet=small.unet, vae=small.vae, text_encoder=small.text_encoder)
+    from diffusers import UNet2DConditionModel
+
+    config = dict(small.unet.config, block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D",) * 2)
+    other = UNet2DConditionModel.from_config({**config, "up_block_types": ("CrossAttnUpBlock2D",) * 2})
+    with pytest.raises(ModelFileError, match="unet weights do not match"):
+        load_pretrained_weights(tmp_path / "w.safetensors", unet=other)
