@@ -286,6 +286,24 @@ def test_bf16_autocast_and_v_prediction_train(tmp_path, tiny):
     assert result.steps == 2 and np.isfinite(result.losses).all()
 
 
+def test_noise_offset_shifts_each_images_noise_per_channel(tmp_path, tiny, monkeypatch):
+    """Offset noise: the noise's mean over each latent channel spreads as wide as the offset says."""
+    data = write_images(tmp_path / "data", 4)
+    spreads = {}
+    for offset in (0.0, 1.0):
+        model = copy.deepcopy(tiny)
+        noises = []
+        add_noise = model.scheduler.add_noise
+        monkeypatch.setattr(model.scheduler, "add_noise", lambda x, noise, t: noises.append(noise) or add_noise(x, noise, t))
+        train(make_config(tmp_path / str(offset), data, batch_size=4, max_steps=4, noise_offset=offset), model=model)
+        means = torch.cat(noises).mean(dim=(2, 3))  # (images, channels), over 8x8 latents or more
+        spreads[offset] = means.std().item()
+    assert spreads[0.0] < 0.25  # 1/8 expected: the mean of at least 64 standard normal draws
+    assert 0.6 < spreads[1.0] < 1.5
+    with pytest.raises(ValueError, match="noise_offset must be at least 0"):
+        TrainConfig(noise_offset=-0.1)
+
+
 def test_sample_images_are_written_with_their_parameters(tmp_path, tiny):
     pytest.importorskip("nai_fast.engine.generate")
     data = write_images(tmp_path / "data", 2)

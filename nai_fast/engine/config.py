@@ -196,6 +196,13 @@ class TrainConfig:
     )
     ema_decay: float = field(default=0.9999, metadata=option("EMA decay"))
     caption_dropout: float = field(default=0.0, metadata=option("probability of training on an empty caption"))
+    noise_offset: float = field(
+        default=0.0,
+        metadata=option(
+            "add this times one normal draw per image and latent channel to the noise (offset noise), so the model "
+            "cannot read an image's mean colour off the noisiest inputs; 0.05-0.1 is usual, 0 turns it off"
+        ),
+    )
     keep_tokens: int = field(
         default=0, metadata=option("leading tags kept in place when shuffling", metavar="K", minimum=0)
     )
@@ -292,6 +299,8 @@ class TrainConfig:
             raise ValueError("resume continues the run in output_dir and overwrite replaces it: set one, not both")
         if self.ema and self.mode != "finetune":
             raise ValueError("ema applies to mode 'finetune' only")
+        if self.noise_offset < 0.0:
+            raise ValueError(f"noise_offset must be at least 0, got {self.noise_offset}")
         if not 0.0 <= self.hypernetwork_dropout < 1.0:
             raise ValueError(f"hypernetwork_dropout must lie in [0, 1), got {self.hypernetwork_dropout}")
 

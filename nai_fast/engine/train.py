@@ -712,6 +712,9 @@ class _Run:
         with torch.no_grad():
             latents = self._latents(batch, noise_generator)
             noise = torch.randn(latents.shape, generator=noise_generator, device=device)
+            if self.config.noise_offset:  # one shift per image and channel: the noise's mean is no longer ~0
+                offset = torch.randn((*latents.shape[:2], 1, 1), generator=noise_generator, device=device)
+                noise = noise + self.config.noise_offset * offset
             timesteps = torch.randint(
                 0, scheduler.config.num_train_timesteps, (len(latents),), generator=noise_generator, device=device
             )
