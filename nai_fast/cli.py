@@ -198,15 +198,10 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         "unless --from-png names a preset)",
     )
     command.add_argument("--vae", metavar="FILE", help="a VAE file replacing the model's own")
-    command.add_argument(
-        "--hypernetwork",
-        metavar="FILE[:STRENGTH]",
-        action="append",
-        default=[],
-        type=_hypernetwork_argument,
-        help="a hypernetwork (.pt or .safetensors) and its strength (default 1); repeat to apply several in "
-        f"order. Without it, --preset tiny uses {_TRAIN_OUTPUT}/{TRAINED_HYPERNETWORK_FILE} when "
-        "`nai-fast train --preset tiny` has written it",
+    _add_hypernetwork_option(
+        command,
+        f"Without it, --preset tiny uses {_TRAIN_OUTPUT}/{TRAINED_HYPERNETWORK_FILE} when `nai-fast train --preset "
+        "tiny` has written it",
     )
     command.add_argument(
         "--hypernetwork-dir",
@@ -279,6 +274,23 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
     command.set_defaults(run=_run_generate)
 
 
+def _add_hypernetwork_option(command: argparse.ArgumentParser, more_help: str = "") -> None:
+    command.add_argument(
+        "--hypernetwork",
+        metavar="FILE[:STRENGTH]",
+        action="append",
+        default=[],
+        type=_hypernetwork_argument,
+        help="a hypernetwork (.pt or .safetensors) and its strength (default 1); repeat to apply several in "
+        f"order. {more_help}".strip(),
+    )
+
+
+def _check_side(name: str, side: int) -> None:
+    if side <= 0 or side % _SIZE_STEP:
+        raise ValueError(f"{name} must be a positive multiple of {_SIZE_STEP}, got {side}")
+
+
 def _hypernetwork_argument(text: str) -> tuple[str, float]:
     # FILE or FILE:STRENGTH. The text after the last colon is a strength when it reads as a
     # number; otherwise it must be part of the path (C:\x.pt, or a file whose name has a colon).
@@ -335,9 +347,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     if args.model is None and args.preset is None:
         raise ValueError("one of --preset and --model is required (or --from-png of an image made with a preset)")
     for name in ("width", "height"):
-        side = getattr(args, name)
-        if side is not None and (side <= 0 or side % _SIZE_STEP):
-            raise ValueError(f"{name} must be a positive multiple of {_SIZE_STEP}, got {side}")
+        if getattr(args, name) is not None:
+            _check_side(name, getattr(args, name))
     count = args.batch_count * args.batch_size
     if args.seed not in (None, -1) and args.seed + count - 1 > _MAX_SEED:
         raise ValueError(
@@ -644,14 +655,7 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     source = command.add_mutually_exclusive_group()
     source.add_argument("--preset", choices=_MODEL_PRESETS, default="tiny", help="a built-in model (default: tiny)")
     source.add_argument("--model", metavar="PATH", help="a diffusers folder or a single .safetensors/.ckpt checkpoint")
-    command.add_argument(
-        "--hypernetwork",
-        metavar="FILE[:STRENGTH]",
-        action="append",
-        default=[],
-        type=_hypernetwork_argument,
-        help="apply a hypernetwork; repeat for several",
-    )
+    _add_hypernetwork_option(command)
     command.add_argument("--prompts", type=_positive_int, default=96, help="random prompts, seeds 0..N-1 (default: 96)")
     command.add_argument(
         "--size",
@@ -679,8 +683,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     for path, _ in args.hypernetwork:
         _check_exists("--hypernetwork", path, file=True)
     for width, height in args.size or ():
-        if width <= 0 or height <= 0 or width % _SIZE_STEP or height % _SIZE_STEP:
-            raise ValueError(f"--size {width}x{height}: sides must be positive multiples of {_SIZE_STEP}")
+        _check_side(f"--size {width}x{height}: width", width)
+        _check_side(f"--size {width}x{height}: height", height)
     import torch
 
     from .demo.fidelity import evaluate, random_scenes, standard_sizes

@@ -90,3 +90,12 @@ def test_nai_fast_eval_runs_on_a_few_prompts(tmp_path):
     assert report["written"]["images"] == 6 and set(report["written"]["by_size"]) == {"128x128", "128x192", "192x128"}
     assert all(0.0 <= report[order][attribute] <= 1.0 for order in report for attribute in ATTRIBUTES)
     assert len(list((tmp_path / "shuffled").glob("*.png"))) == 6
+
+
+def test_nai_fast_eval_checks_its_sizes_before_loading_a_model(capsys):
+    from nai_fast.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["eval", "--size", "128x100"])
+    assert exited.value.code == 2
+    assert "--size 128x100: height must be a positive multiple of 64, got 100" in capsys.readouterr().err

@@ -394,6 +394,12 @@ def test_cli_choices_match_the_library():
     assert sorted(cli._MODEL_PRESETS) == sorted(PRESETS)
     assert cli._TRAIN_OUTPUT == DEFAULT_TRAIN_OUTPUT
     assert (cli._SIZE_STEP, cli._MAX_SEED) == (SIZE_STEP, MAX_SEED)
+    import inspect
+
+    defaults = inspect.signature(txt2img).parameters  # the CLI's defaults are txt2img's
+    assert cli._GENERATE_DEFAULTS == {
+        name: defaults["guidance_scale" if name == "scale" else name].default for name in cli._GENERATE_DEFAULTS
+    }
     sampler_option = next(action for action in _generate_parser()._actions if "--sampler" in action.option_strings)
     assert sorted(sampler_option.choices) == sorted(SAMPLERS)
 
