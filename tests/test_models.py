@@ -97,7 +97,7 @@ def test_tiny_preset_runs_unet_and_vae_at_64x96(tiny):
     assert noise.shape == latents.shape
     for tensor in (latents, decoded, noise):
         assert torch.isfinite(tensor).all()
-    assert tiny.prediction_type == "epsilon"
+    assert tiny.prediction_type == "v_prediction"  # as the shipped weights were trained
 
 
 def test_sd15_shipped_configs_have_the_real_parameter_counts():
@@ -112,7 +112,8 @@ def test_sd15_shipped_configs_have_the_real_parameter_counts():
 
 
 def test_preset_prediction_type_override():
-    assert load_model("tiny", prediction_type="v_prediction").prediction_type == "v_prediction"
+    assert load_model("tiny", prediction_type="epsilon").prediction_type == "epsilon"
+    assert load_model("tiny-random", prediction_type="v_prediction").prediction_type == "v_prediction"
     with pytest.raises(ValueError, match="prediction_type must be one of"):
         load_model("tiny", prediction_type="x0")
 

@@ -1,8 +1,10 @@
 """The tiny model's pretraining script on a tiny budget, and the shipped weights."""
 
+import ast
 import csv
 
 import pytest
+import safetensors.torch
 import torch
 
 from nai_fast.demo import pretrain
@@ -18,12 +20,13 @@ def _column(path, name):
 @pytest.mark.slow
 def test_the_first_steps_of_pretraining_lower_both_losses_and_write_loadable_weights(tmp_path):
     weights = tmp_path / "tiny.safetensors"
-    budget = ["--images", "48", "--vae-images", "16", "--vae-steps", "40", "--text-steps", "40", "--unet-steps", "40",
-              "--batch-size", "8", "--text-batch-size", "16"]  # fmt: skip
-    assert pretrain.main(["--output-dir", str(tmp_path / "run"), "--weights", str(weights), "--no-progress", *budget]) == 0
+    budget = ["--images", "48", "--vae-images", "16", "--vae-steps", "40", "--text-steps", "40",
+              "--unet-steps", "40", "--batch-size", "8", "--text-batch-size", "16"]  # fmt: skip
+    arguments = ["--output-dir", str(tmp_path / "run"), "--weights", str(weights), "--no-progress", *budget]
+    assert pretrain.main(arguments) == 0
 
     vae = _column(tmp_path / "run" / "vae_log.csv", "mse")
-    text = _column(tmp_path / "run" / "text_log.csv", "loss")
+    text = _column(tmp_path / "run" / "text_encoder_log.csv", "loss")
     unet = _column(tmp_path / "run" / "unet" / "training_log.csv", "loss")
     assert len(vae) == len(text) == len(unet) == 40
     assert sum(vae[-5:]) < 0.8 * sum(vae[:5])
@@ -35,6 +38,15 @@ def test_the_first_steps_of_pretraining_lower_both_losses_and_write_loadable_wei
     metadata = load_pretrained_weights(weights, unet=model.unet, vae=model.vae, text_encoder=model.text_encoder)
     assert metadata["made_by"] == "python -m nai_fast.demo.pretrain"
     assert model.vae.config.scaling_factor == pytest.approx(float(metadata["vae_scaling_factor"]))
+    assert metadata["prediction_type"] == "v_prediction"
+    assert set(ast.literal_eval(metadata["minutes"])) == {"data", "vae", "text_encoder", "unet"}
+
+    # A second run finds every stage done and writes the same networks.
+    first = safetensors.torch.load_file(weights)
+    weights.unlink()
+    assert pretrain.main(arguments) == 0
+    second = safetensors.torch.load_file(weights)
+    assert first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
 
 
 def test_the_shipped_weights_load_offline_in_float32_and_are_not_the_random_ones():
@@ -45,6 +57,8 @@ def test_the_shipped_weights_load_offline_in_float32_and_are_not_the_random_ones
     for name, parameter in trained.unet.named_parameters():
         assert not torch.equal(parameter, dict(random.unet.named_parameters())[name]), name
     assert trained.vae.config.scaling_factor != random.vae.config.scaling_factor
+    # what the shipped U-Net predicts comes from its file; the random one's from the config
+    assert (trained.prediction_type, random.prediction_type) == ("v_prediction", "epsilon")
     assert set(PRETRAINED_WEIGHTS) == {"tiny"}
 
 

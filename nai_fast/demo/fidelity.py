@@ -6,9 +6,11 @@ background) with nothing learned:
 - **background**: the nearest palette colour (``COLORS``) most common among the border pixels;
 - **shape colour**: the nearest palette colour most common among the pixels whose nearest
   colour is not the background's (the most common, not the mean: blurred edges mix colours).
-  When those pixels are ringed by dark ones around a lighter fill (an outline), the fill counts;
+  When the shape has an outline, its fill (the pixels not of the outline colour) counts;
 - **position**: the centroid of those pixels, nearest of ``POSITIONS``;
-- **outline**: whether a thick dark ring (the demo style's) surrounds the shape.
+- **outline**: whether a band around the fill, a few pixels wide, is mostly the outline colour
+  (the demo style's thick black ring; a band and not the shape's outer edge, so blurred edges
+  between fill and ring do not hide it).
 
 :func:`evaluate` generates one image per prompt and size with :func:`~nai_fast.engine.generate.txt2img`
 (seed ``i`` for prompt ``i``, Euler a, 20 steps, the default guidance) and scores the detections
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..engine.demo_data import COLORS, OUTLINE_COLOR, POSITIONS, Scene
+from ..engine.demo_data import COLORS, OUTLINE_COLOR, OUTLINE_WIDTH, POSITIONS, Scene
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -39,9 +41,10 @@ _PALETTE = np.array([COLORS[name] for name in _NAMES], dtype=np.float32)
 _OUTLINE = _NAMES.index(next(name for name, rgb in COLORS.items() if rgb == OUTLINE_COLOR))
 # A shape is found when at least this fraction of the pixels differ from the background.
 _MIN_SHAPE_FRACTION = 0.002
-# The ring searched for an outline: shape pixels within this fraction of the shorter side of the background.
-_RING_FRACTION = 0.02
-# An outline: at least this share of that ring is the outline colour, around a fill of another colour.
+# The band searched for an outline: pixels outside the fill, within this fraction of the shorter side
+# of it (half the demo style's width, so the band lies inside a ring drawn that wide).
+_BAND_FRACTION = OUTLINE_WIDTH / 2
+# An outline: at least this share of that band is the outline colour.
 _OUTLINE_SHARE = 0.5
 
 
@@ -68,15 +71,12 @@ def detect(image: Image.Image | np.ndarray) -> Detection:
     shape = nearest != background
     if shape.sum() < _MIN_SHAPE_FRACTION * height * width:
         return Detection(_NAMES[background], None, None, False)
-    ring = shape & ~_eroded(shape, max(1, round(_RING_FRACTION * min(height, width))))
-    inside = shape & ~ring
     fill = shape & (nearest != _OUTLINE)
+    band = _dilated(fill, max(1, round(_BAND_FRACTION * min(height, width)))) & ~fill
     outline = (
         background != _OUTLINE
-        and ring.any()
-        and (nearest[ring] == _OUTLINE).mean() >= _OUTLINE_SHARE
-        and inside.any()
-        and (nearest[inside] != _OUTLINE).mean() >= _OUTLINE_SHARE  # a lighter fill: not a dark shape's blurred edge
+        and fill.sum() >= _MIN_SHAPE_FRACTION * height * width  # a lighter fill: not a dark shape's blurred edge
+        and (nearest[band] == _OUTLINE).mean() >= _OUTLINE_SHARE
     )
     color = _most_common(nearest[fill] if outline else nearest[shape])
     ys, xs = np.nonzero(shape)
@@ -89,11 +89,11 @@ def _most_common(values: np.ndarray) -> int:
     return int(np.bincount(values.ravel(), minlength=len(_NAMES)).argmax())
 
 
-def _eroded(mask: np.ndarray, steps: int) -> np.ndarray:
-    """``mask`` shrunk by ``steps`` pixels (4-neighbour erosion; outside the image counts as empty)."""
+def _dilated(mask: np.ndarray, steps: int) -> np.ndarray:
+    """``mask`` grown by ``steps`` pixels (4-neighbour dilation, within the image)."""
     for _ in range(steps):
         padded = np.pad(mask, 1, constant_values=False)
-        mask = mask & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+        mask = mask | padded[:-2, 1:-1] | padded[2:, 1:-1] | padded[1:-1, :-2] | padded[1:-1, 2:]
     return mask
 
 

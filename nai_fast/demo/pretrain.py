@@ -14,17 +14,26 @@ one's result is kept in ``--output-dir``, so running the command again resumes w
    together (:func:`_train_text_encoder` says why they must).
 4. **U-Net**: :func:`nai_fast.engine.train.train` in ``finetune`` mode: aspect-ratio buckets,
    cached latents, tag shuffling and caption dropout (for guidance), an EMA of the weights. The
-   run checkpoints as any run does, and resumes.
+   run checkpoints as any run does, and resumes. It predicts v, not epsilon, with offset noise:
+   these pictures are mostly one flat colour, which the sampler's first, noisiest steps decide.
+   An epsilon loss all but ignores how well those steps predict the picture (its weight on the
+   image error is the signal-to-noise ratio, 0.005 at the last timestep; v's is that plus one),
+   and on a 16x16 latent the mean colour still shows through the noisiest training inputs, so a
+   model learns to read it there instead of from the prompt; offset noise hides it (NovelAI's V3
+   moved to v-prediction for the same colour errors).
 
-Prints a tqdm bar per stage; writes ``loss.png`` (every stage's loss) and the logs.
+Prints a tqdm bar per stage; writes ``loss.png`` (every stage's loss), the logs and ``minutes.json``
+(what each stage took).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,77 +52,109 @@ class PretrainConfig:
     output_dir: str = "nai-fast-pretrain"
     images: int = 3000  # tagged images of the demo vocabulary
     vae_images: int = 1500  # extra outline-style images for the VAE only
-    vae_steps: int = 1200
+    vae_steps: int = 1600
     vae_batch_size: int = 16
     vae_crop: int = 64
     vae_lr: float = 2e-3
+    vae_kl_weight: float = 1e-6  # SD's VAE's; more makes the latents so noisy that small shapes lose their colour
     text_steps: int = 300
     text_batch_size: int = 64
     text_lr: float = 1e-3
-    unet_steps: int = 2000
+    unet_steps: int = 1700
     batch_size: int = 32
     lr: float = 1e-3
+    prediction_type: str = "v_prediction"
+    noise_offset: float = 0.1
     seed: int = 0
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        from ..models.stable_diffusion import check_prediction_type
+
+        check_prediction_type(self.prediction_type)
+
 
 def pretrain(config: PretrainConfig, weights: Path) -> dict[str, float]:
-    """Run the three stages and write the model to ``weights``; returns stage minutes."""
+    """Run the stages and write the model to ``weights``; returns the minutes each stage took."""
     from ..engine.demo_data import make_demo_dataset
     from ..models.presets import build_preset, save_pretrained_weights
 
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    minutes: dict[str, float] = {}
-    started = time.monotonic()
+    stages = _Stages(output)
     data, extra = output / "data", output / "vae-extra"
-    sets = ((data, config.images, config.seed, False), (extra, config.vae_images, config.seed + 1, True))
-    for folder, count, seed, outline in sets:
-        if not (folder / f"{count - 1:05d}.txt").is_file():
-            make_demo_dataset(folder, count=count, seed=seed, outline=outline)
-    minutes["data"] = (time.monotonic() - started) / 60
-
-    import safetensors.torch
+    with stages.timed("data"):
+        sets = ((data, config.images, config.seed, False), (extra, config.vae_images, config.seed + 1, True))
+        for folder, count, seed, outline in sets:
+            if not (folder / f"{count - 1:05d}.txt").is_file():
+                make_demo_dataset(folder, count=count, seed=seed, outline=outline)
 
     model = build_preset("tiny-random", seed=config.seed)
-    vae_file = output / "vae.safetensors"
-    started = time.monotonic()
-    if vae_file.is_file():  # a run started before: its VAE is done
-        model.vae.load_state_dict(safetensors.torch.load_file(str(vae_file)))
-        vae_losses = _read_column(output / "vae_log.csv", "loss")
-    else:
-        vae_losses = _train_vae(model, [data, extra], config, output)
-        safetensors.torch.save_file(model.vae.state_dict(), str(vae_file))
+    losses = {
+        "VAE": stages.network("vae", model.vae, lambda: _train_vae(model, [data, extra], config, output)),
+    }
     scaling = _measure_scaling_factor(model, data, config)
     model.vae.register_to_config(scaling_factor=scaling)
-    minutes["vae"] = (time.monotonic() - started) / 60
     log.info("VAE latent scaling factor %.5f", scaling)
-
-    started = time.monotonic()
-    text_file = output / "text_encoder.safetensors"
-    if text_file.is_file():
-        model.text_encoder.load_state_dict(safetensors.torch.load_file(str(text_file)))
-        text_losses = _read_column(output / "text_log.csv", "loss")
-    else:
-        text_losses = _train_text_encoder(model, config, output)
-        safetensors.torch.save_file(model.text_encoder.state_dict(), str(text_file))
-    minutes["text"] = (time.monotonic() - started) / 60
-
-    started = time.monotonic()
-    result = _train_unet(model, data, config, output)
-    minutes["unet"] = (time.monotonic() - started) / 60
-    unet_losses = _read_column(output / "unet" / "training_log.csv", "loss")
-    _plot_losses({"VAE": vae_losses, "text encoder": text_losses, "U-Net": unet_losses}, output / "loss.png")
+    losses["text encoder"] = stages.network(
+        "text_encoder", model.text_encoder, lambda: _train_text_encoder(model, config, output)
+    )
+    with stages.timed("unet", resumed=True):
+        result = _train_unet(model, data, config, output)
+    losses["U-Net"] = _read_column(output / "unet" / "training_log.csv", "loss")
+    _plot_losses(losses, output / "loss.png")
 
     metadata = {
         "made_by": "python -m nai_fast.demo.pretrain",
         "config": repr(asdict(config)),
-        "minutes": repr({key: round(value, 1) for key, value in minutes.items()}),
+        "minutes": repr({key: round(value, 1) for key, value in stages.minutes.items()}),
         "unet_final_loss": repr(result.final_loss),
         "torch": torch.__version__,
     }
-    save_pretrained_weights(weights, metadata, unet=model.unet, vae=model.vae, text_encoder=model.text_encoder)
-    return minutes
+    save_pretrained_weights(
+        weights,
+        metadata,
+        prediction_type=config.prediction_type,
+        unet=model.unet,
+        vae=model.vae,
+        text_encoder=model.text_encoder,
+    )
+    return stages.minutes
+
+
+class _Stages:
+    """Each stage's result and minutes in the output folder, so that a second run resumes.
+
+    A network stage writes ``NAME.safetensors`` and its log ``NAME_log.csv``; a run that finds the
+    file loads it instead. ``minutes.json`` keeps what every finished stage took, across runs.
+    """
+
+    def __init__(self, output: Path) -> None:
+        self.output = output
+        self.minutes_file = output / "minutes.json"
+        self.minutes: dict[str, float] = json.loads(self.minutes_file.read_text()) if self.minutes_file.is_file() else {}
+
+    @contextmanager
+    def timed(self, name: str, *, resumed: bool = False):
+        """Time a stage; ``resumed``: it goes on where an earlier run stopped, so the minutes add up."""
+        started = time.monotonic()
+        yield
+        spent = (time.monotonic() - started) / 60
+        self.minutes[name] = spent + (self.minutes.get(name, 0.0) if resumed else 0.0)
+        self.minutes_file.write_text(json.dumps(self.minutes, indent=1))
+
+    def network(self, name: str, module: torch.nn.Module, train) -> list[float]:
+        """Train ``module`` by ``train()`` unless an earlier run saved it; its losses."""
+        import safetensors.torch
+
+        file = self.output / f"{name}.safetensors"
+        if file.is_file():
+            module.load_state_dict(safetensors.torch.load_file(str(file)))
+        else:
+            with self.timed(name):
+                train()
+            safetensors.torch.save_file(module.state_dict(), str(file))
+        return _read_column(self.output / f"{name}_log.csv", "loss")
 
 
 def _fitted_images(folder: Path, resolution: int, unit: int, limit: int | None = None) -> list[torch.Tensor]:
@@ -162,7 +203,7 @@ def _train_vae(model, folders: list[Path], config: PretrainConfig, output: Path)
             reconstruction = vae.decode(latents).sample
             mse = torch.nn.functional.mse_loss(reconstruction, pixels)
             kl = 0.5 * (posterior.mean**2 + posterior.var - 1 - posterior.logvar).mean()
-            loss = mse + 1e-4 * kl
+            loss = mse + config.vae_kl_weight * kl
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -199,7 +240,7 @@ def _train_text_encoder(model, config: PretrainConfig, output: Path) -> list[flo
     optimizer = torch.optim.AdamW(parameters, lr=config.text_lr, weight_decay=0.0)
     rng = np.random.default_rng([config.seed, 2])
     losses = []
-    with open(output / "text_log.csv", "w", newline="") as file:
+    with open(output / "text_encoder_log.csv", "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["step", "loss", "accuracy"])
         bar = tqdm(range(1, config.text_steps + 1), desc="text encoder", disable=not config.progress)
@@ -263,9 +304,12 @@ def _measure_scaling_factor(model, folder: Path, config: PretrainConfig) -> floa
 
 
 def _train_unet(model, data: Path, config: PretrainConfig, output: Path):
+    from diffusers import DDPMScheduler
+
     from ..engine.config import TrainConfig
     from ..engine.train import train
 
+    model = model.with_scheduler(DDPMScheduler.from_config(model.scheduler.config, prediction_type=config.prediction_type))
     run = output / "unet"
     resume = (run / "training_state.pt").is_file()
     train_config = TrainConfig(
@@ -282,6 +326,7 @@ def _train_unet(model, data: Path, config: PretrainConfig, output: Path):
         resolution=model.resolution,
         cache_latents=True,
         caption_dropout=0.1,  # unconditional steps, for classifier-free guidance
+        noise_offset=config.noise_offset,
         shuffle_tags=True,  # tag order carries no meaning, as in NovelAI's training
         max_chunks=1,
         ema=True,

@@ -44,7 +44,7 @@ POSITIONS = {
 SIZES = ((192, 192), (160, 224), (224, 160), (128, 256), (256, 128))
 # The outline style: its colour is the palette's black, its width this fraction of the image's shorter side
 OUTLINE_COLOR = COLORS["black"]
-OUTLINE_WIDTH = 0.04
+OUTLINE_WIDTH = 0.07  # 9 px at 128: wider than one latent cell (8 px), so the VAE keeps it
 
 
 @dataclass(frozen=True)
@@ -116,13 +116,14 @@ def _shape_box(x: float, y: float, radius: float) -> tuple[float, float, float, 
 
 
 def _draw(draw, shape: str, box: tuple[float, float, float, float], fill: tuple[int, int, int], border: int) -> None:
-    if border:  # the outline lies outside the shape, so the shape keeps its size and colour
-        left, top, right, bottom = box
-        _draw(draw, shape, (left - border, top - border, right + border, bottom + border), OUTLINE_COLOR, 0)
     left, top, right, bottom = box
-    if shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif shape == "square":
-        draw.rectangle(box, fill=fill)
-    else:
-        draw.polygon([((left + right) / 2, top), (right, bottom), (left, bottom)], fill=fill)
+    if shape == "triangle":
+        corners = [((left + right) / 2, top), (right, bottom), (left, bottom)]
+        if border:  # a line twice as wide on every side, half of it then covered: `border` wide all round
+            draw.line([*corners, corners[0], corners[1]], fill=OUTLINE_COLOR, width=2 * border, joint="curve")
+        draw.polygon(corners, fill=fill)
+        return
+    if border:  # the outline lies outside the shape, so the shape keeps its size and colour
+        outer = (left - border, top - border, right + border, bottom + border)
+        (draw.ellipse if shape == "circle" else draw.rectangle)(outer, fill=OUTLINE_COLOR)
+    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=fill)

@@ -20,8 +20,10 @@ __all__ = ["PRESETS", "PRETRAINED_WEIGHTS", "build_preset", "pretrained_weights_
 PRESETS = {"tiny": "tiny", "tiny-random": "tiny", "sd15": "sd1"}
 # preset name -> its weights file in nai_fast/models/weights (`python -m nai_fast.demo.pretrain` writes it)
 PRETRAINED_WEIGHTS = {"tiny": "tiny.safetensors"}
-# The weights file's metadata key holding the VAE's latent scaling factor, measured when it was trained
+# The weights file's metadata keys: the VAE's latent scaling factor, measured when it was trained,
+# and what the U-Net learned to predict (files without it predict epsilon)
 SCALING_FACTOR_KEY = "vae_scaling_factor"
+PREDICTION_TYPE_KEY = "prediction_type"
 # The networks' key prefixes in a weights file
 COMPONENTS = ("unet", "vae", "text_encoder")
 
@@ -50,14 +52,16 @@ def build_preset(name: str, *, seed: int | None = None) -> StableDiffusion:
         text_encoder = CLIPTextModel(CLIPTextConfig(**load_config(family, "text_encoder")))
         _like_a_trained_final_norm(text_encoder)
     source = f"preset {name}"
+    schedule = {}
     if name in PRETRAINED_WEIGHTS:
-        load_pretrained_weights(pretrained_weights_path(name), unet=unet, vae=vae, text_encoder=text_encoder)
+        metadata = load_pretrained_weights(pretrained_weights_path(name), unet=unet, vae=vae, text_encoder=text_encoder)
+        schedule["prediction_type"] = metadata.get(PREDICTION_TYPE_KEY, "epsilon")
     return StableDiffusion(
         unet=unet.eval(),
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
         tokenizer=load_tokenizer(),
-        scheduler=DDPMScheduler.from_config(model_config(family, "scheduler")),
+        scheduler=DDPMScheduler.from_config(model_config(family, "scheduler"), **schedule),
         source=source,
     )
 
@@ -66,9 +70,12 @@ def _random_presets() -> str:
     return " and ".join(name for name in PRESETS if name not in PRETRAINED_WEIGHTS)
 
 
-def save_pretrained_weights(path: Path, metadata: dict[str, str], **networks: torch.nn.Module) -> None:
+def save_pretrained_weights(
+    path: Path, metadata: dict[str, str], *, prediction_type: str = "epsilon", **networks: torch.nn.Module
+) -> None:
     """Write ``networks`` (keyword names from ``COMPONENTS``) to one safetensors file, floats as
-    float16, with the VAE's scaling factor and ``metadata`` (how the weights were made)."""
+    float16, with the VAE's scaling factor, the U-Net's ``prediction_type`` and ``metadata`` (how
+    the weights were made)."""
     import safetensors.torch
 
     from ..files import atomic_write
@@ -78,7 +85,11 @@ def save_pretrained_weights(path: Path, metadata: dict[str, str], **networks: to
         for key, tensor in network.state_dict().items():
             tensor = tensor.detach().cpu()
             tensors[f"{prefix}.{key}"] = (tensor.half() if tensor.is_floating_point() else tensor).contiguous()
-    metadata = {**metadata, SCALING_FACTOR_KEY: repr(float(networks["vae"].config.scaling_factor))}
+    metadata = {
+        **metadata,
+        SCALING_FACTOR_KEY: repr(float(networks["vae"].config.scaling_factor)),
+        PREDICTION_TYPE_KEY: prediction_type,
+    }
     atomic_write(path, lambda temporary: safetensors.torch.save_file(tensors, temporary, metadata=metadata))
 
 
