@@ -123,7 +123,7 @@ def _draw(draw, shape: str, box: tuple[float, float, float, float], fill: tuple[
             draw.line([*corners, corners[0], corners[1]], fill=OUTLINE_COLOR, width=2 * border, joint="curve")
         draw.polygon(corners, fill=fill)
         return
+    paint = draw.ellipse if shape == "circle" else draw.rectangle
     if border:  # the outline lies outside the shape, so the shape keeps its size and colour
-        outer = (left - border, top - border, right + border, bottom + border)
-        (draw.ellipse if shape == "circle" else draw.rectangle)(outer, fill=OUTLINE_COLOR)
-    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=fill)
+        paint((left - border, top - border, right + border, bottom + border), fill=OUTLINE_COLOR)
+    paint(box, fill=fill)
