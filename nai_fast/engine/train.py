@@ -1,8 +1,8 @@
 """The training engine: hypernetwork training (default) or U-Net fine-tuning on a folder of tagged images.
 
 Long because the run's setup, loop and step math read as one story; the config, distributed
-session, checkpoint, log, captions and stop handling are already their own modules, and the
-EMA and the denoiser wrapper are the next cuts.
+session, denoiser, EMA, checkpoint, log, captions and stop handling are their own modules. The
+next cut would be the data setup (scan, buckets, latent cache) into a module of its own.
 
 ``train(TrainConfig(...)) -> TrainResult``; ``nai-fast train`` maps its options onto
 :class:`TrainConfig`. One step:
@@ -64,12 +64,8 @@ requests travel in the all-reduce every step makes anyway, so all ranks stop aft
 **Several processes.** Under ``torchrun`` (``WORLD_SIZE > 1``) the session
 (:mod:`nai_fast.engine.distributed`) initialises the process group from the environment (NCCL
 on CUDA, gloo on CPU), and the sampler, given its rank and world size, gives each rank a
-disjoint shard. Gradients are averaged by ``DistributedDataParallel`` wrapped
-around :class:`_Denoiser`, a module that holds the U-Net (and the hypernetwork) and runs
-the U-Net: the hypernetwork's modules are called by the U-Net's attention processors,
-so wrapping the Hypernetwork alone would never see a forward, but wrapping the module
-that runs the U-Net does, and DDP then only reduces the parameters that require
-gradients (the hypernetwork's, or the U-Net's when fine-tuning), overlapping the
+disjoint shard. Gradients are averaged by ``DistributedDataParallel`` wrapped around
+:class:`~nai_fast.engine.denoiser.Denoiser` (which says why that module), overlapping the
 all-reduce with the backward pass. Only rank 0 writes; all ranks end together.
 
 **Latent caching** (``cache_latents``) keeps each image's VAE posterior (mean and
@@ -90,7 +86,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -101,7 +97,9 @@ from torch import Tensor, nn
 
 from .checkpoint import STATE_FILE, Progress, Resumable, restore_checkpoint, save_checkpoint
 from .config import DEFAULT_TRAIN_OUTPUT, LR_SCHEDULES, MIXED_PRECISION, MODES, TrainConfig
+from .denoiser import Denoiser
 from .distributed import Session
+from .ema import ExponentialMovingAverage
 from .stop import StopRequest, exit_code, ignore_stop_signals
 from .train_log import TrainingLog
 from .train_state import atomic_write, saved_step
@@ -195,43 +193,6 @@ def train(config: TrainConfig, *, model: StableDiffusion | None = None) -> Train
         return _Run(config, model, session).run()
 
 
-class _Denoiser(nn.Module):
-    """Runs the U-Net; holds the hypernetwork too, so DistributedDataParallel wrapped
-    around it sees the parameters the U-Net's attention processors use."""
-
-    def __init__(self, unet: nn.Module, hypernetwork: nn.Module | None) -> None:
-        super().__init__()
-        self.unet = unet
-        self.hypernetwork = hypernetwork
-
-    def forward(self, noisy: Tensor, timesteps: Tensor, context: Tensor) -> Tensor:
-        return self.unet(noisy, timesteps, encoder_hidden_states=context, return_dict=False)[0]
-
-
-class _ExponentialMovingAverage:
-    """A float32 shadow of parameters: ``shadow += (1 - decay) * (param - shadow)`` per step,
-    the decay warming up as ``min(decay, (1 + n) / (10 + n))`` (diffusers' EMAModel rule)."""
-
-    def __init__(self, parameters: Sequence[nn.Parameter], decay: float) -> None:
-        self.parameters = list(parameters)
-        self.decay = decay
-        self.updates = 0
-        self.shadow = [p.detach().float().clone() for p in self.parameters]
-
-    @torch.no_grad()
-    def update(self) -> None:
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.parameters], 1.0 - decay)
-        self.updates += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.decay, self.updates = float(state["decay"]), int(state["updates"])
-        self.shadow = [saved.to(p.device) for saved, p in zip(state["shadow"], self.parameters, strict=True)]
-
-
 @dataclass
 class _Sums:
     """One rank's sums over a step's micro-batches."""
@@ -285,7 +246,7 @@ class _Run:
         self._seed_global_generators()
         if config.resume:
             self._resume()
-        self.denoiser = session.wrap(_Denoiser(self.model.unet, self.hypernetwork))
+        self.denoiser = session.wrap(Denoiser(self.model.unet, self.hypernetwork))
         try:
             with TrainingLog(self.output_dir, self.step, session.is_main, config.tensorboard) as self.run_log:
                 self._train_loop()
@@ -483,7 +444,7 @@ class _Run:
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=config.mixed_precision == "fp16" and self.device.type == "cuda"
         )
-        self.ema = _ExponentialMovingAverage(self.parameters, config.ema_decay) if config.ema else None
+        self.ema = ExponentialMovingAverage(self.parameters, config.ema_decay) if config.ema else None
 
     def _seed_global_generators(self) -> None:
         import random
