@@ -2,6 +2,7 @@
 
 import ast
 import csv
+import json
 
 import pytest
 import safetensors.torch
@@ -43,10 +44,15 @@ def test_the_first_steps_of_pretraining_lower_both_losses_and_write_loadable_wei
 
     # A second run finds every stage done and writes the same networks.
     first = safetensors.torch.load_file(weights)
+    minutes = json.loads((tmp_path / "run" / "minutes.json").read_text())
     weights.unlink()
     assert pretrain.main(arguments) == 0
     second = safetensors.torch.load_file(weights)
     assert first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
+    # ... and keeps what the first run's stages took (the resumed ones add what they did)
+    again = json.loads((tmp_path / "run" / "minutes.json").read_text())
+    assert (again["vae"], again["text_encoder"]) == (minutes["vae"], minutes["text_encoder"])
+    assert again["data"] >= minutes["data"] > 0 and again["unet"] >= minutes["unet"] > 0
 
 
 def test_the_shipped_weights_load_offline_in_float32_and_are_not_the_random_ones():

@@ -83,7 +83,7 @@ def pretrain(config: PretrainConfig, weights: Path) -> dict[str, float]:
     output.mkdir(parents=True, exist_ok=True)
     stages = _Stages(output)
     data, extra = output / "data", output / "vae-extra"
-    with stages.timed("data"):
+    with stages.timed("data", resumed=True):  # a second run finds the data: adds nothing
         sets = ((data, config.images, config.seed, False), (extra, config.vae_images, config.seed + 1, True))
         for folder, count, seed, outline in sets:
             if not (folder / f"{count - 1:05d}.txt").is_file():
