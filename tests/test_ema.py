@@ -3,7 +3,7 @@ import torch
 from nai_fast.engine.ema import ExponentialMovingAverage
 
 
-def test_the_decay_warms_up_as_diffusers_ema_model_does_then_holds():
+def test_the_decay_warms_up_from_a_tenth_then_holds_at_the_configured_one():
     weight = torch.nn.Parameter(torch.zeros(3))
     ema = ExponentialMovingAverage([weight], decay=0.5)
     with torch.no_grad():

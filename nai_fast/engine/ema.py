@@ -17,7 +17,8 @@ __all__ = ["ExponentialMovingAverage"]
 
 class ExponentialMovingAverage:
     """A float32 shadow of parameters: ``shadow += (1 - decay) * (param - shadow)`` per step,
-    the decay warming up as ``min(decay, (1 + n) / (10 + n))`` (diffusers' EMAModel rule)."""
+    the decay warming up as ``min(decay, (1 + n) / (10 + n))`` for the ``n``-th update from 0
+    (diffusers' EMAModel rule from its second update on; its first copies the weights outright)."""
 
     def __init__(self, parameters: Sequence[nn.Parameter], decay: float) -> None:
         self.parameters = list(parameters)
