@@ -55,6 +55,17 @@ def test_the_first_steps_of_pretraining_lower_both_losses_and_write_loadable_wei
     assert again["data"] >= minutes["data"] > 0 and again["unet"] >= minutes["unet"] > 0
 
 
+def test_an_interrupted_stage_keeps_its_minutes_and_a_resumed_one_adds_to_them(tmp_path):
+    stages = pretrain._Stages(tmp_path)
+    with pytest.raises(KeyboardInterrupt), stages.timed("unet", resumed=True):
+        raise KeyboardInterrupt  # as a signal stops the U-Net's run
+    interrupted = json.loads((tmp_path / "minutes.json").read_text())["unet"]
+    assert interrupted > 0
+    with pretrain._Stages(tmp_path).timed("unet", resumed=True):
+        pass
+    assert json.loads((tmp_path / "minutes.json").read_text())["unet"] >= interrupted
+
+
 def test_the_shipped_weights_load_offline_in_float32_and_are_not_the_random_ones():
     path = pretrained_weights_path("tiny")
     assert path.is_file() and path.stat().st_size <= 10 * 2**20, "the package ships at most 10 MB of weights"

@@ -136,12 +136,15 @@ class _Stages:
 
     @contextmanager
     def timed(self, name: str, *, resumed: bool = False):
-        """Time a stage; ``resumed``: it goes on where an earlier run stopped, so the minutes add up."""
+        """Time a stage; ``resumed``: it goes on where an earlier run stopped, so the minutes add up.
+        Kept when the stage is interrupted too: a resumed U-Net run then adds to the time already spent."""
         started = time.monotonic()
-        yield
-        spent = (time.monotonic() - started) / 60
-        self.minutes[name] = spent + (self.minutes.get(name, 0.0) if resumed else 0.0)
-        self.minutes_file.write_text(json.dumps(self.minutes, indent=1))
+        try:
+            yield
+        finally:
+            spent = (time.monotonic() - started) / 60
+            self.minutes[name] = spent + (self.minutes.get(name, 0.0) if resumed else 0.0)
+            self.minutes_file.write_text(json.dumps(self.minutes, indent=1))
 
     def network(self, name: str, module: torch.nn.Module, train) -> list[float]:
         """Train ``module`` by ``train()`` unless an earlier run saved it; its losses."""
