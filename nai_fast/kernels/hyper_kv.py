@@ -48,7 +48,8 @@ traffic, the cost model predicts no gain at SD's deepest level (512 tokens of wi
 
 Precision: float16 and bfloat16 dots run on tensor cores; h, G and c are rounded to the
 input dtype as eager rounds its own intermediates; float32 inputs use exact (IEEE) float32
-products on CUDA cores, not TF32, as eager float32 does. Under Triton's interpreter the dots
+products on CUDA cores, not TF32, as eager float32 does, their reduction steps summed with
+compensation (see ``_accumulate_product``). Under Triton's interpreter the dots
 run on float32 copies (see cross_attention.LaunchConfig: its bfloat16 dots are wrong).
 
 Which structures fuse: exactly two Linears, an activation of :data:`FUSED_ACTIVATIONS`
@@ -107,16 +108,31 @@ def _accumulate_product(
     BLOCK_DEPTH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOTS: tl.constexpr,
+    COMPENSATED: tl.constexpr,
 ):
-    """acc + A[rows, :depth] @ B[:depth, cols]; A row-major, B at the given strides."""
+    """acc + A[rows, :depth] @ B[:depth, cols]; A row-major, B at the given strides.
+
+    COMPENSATED: each step's product starts from zero and joins the running sum by Kahan's
+    compensated addition. Triton folds ``acc += tl.dot(a, b)`` into the dot, and a float32
+    dot on CUDA cores then chains every product of the reduction through one accumulator in
+    depth order, whose rounding error grows with the depth: 8x cuBLAS's at depth 1920 on the
+    H200 (2026-11-30; a CPU emulation of that chain gave the same error to 9 digits).
+    """
     a_ptr += rows.to(tl.int64)[:, None] * a_row_stride
     b_ptr += cols.to(tl.int64)[None, :] * b_col_stride
+    compensation = tl.zeros_like(acc)  # what the running sum's roundings lost, negated
     for start in range(0, depth, BLOCK_DEPTH):
         offsets = start + tl.arange(0, BLOCK_DEPTH)
         depth_mask = offsets < depth
         a = tl.load(a_ptr + offsets[None, :], mask=row_mask[:, None] & depth_mask[None, :], other=0.0)
         b = tl.load(b_ptr + offsets[:, None] * b_depth_stride, mask=depth_mask[:, None] & col_mask[None, :], other=0.0)
-        acc += _dot(a, b, DOT_PRECISION, UPCAST_DOTS)
+        if COMPENSATED:
+            step = _dot(a, b, DOT_PRECISION, UPCAST_DOTS) - compensation
+            total = acc + step
+            compensation = (total - acc) - step
+            acc = total
+        else:
+            acc += _dot(a, b, DOT_PRECISION, UPCAST_DOTS)
     return acc
 
 
@@ -188,6 +204,7 @@ def _hidden_kernel(
     BLOCK_DEPTH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOTS: tl.constexpr,
+    COMPENSATED: tl.constexpr,
 ):
     """A tile of h = act(x W1^T + b1); with WITH_GRAD, of dpre = s (dr W2) * act'(x W1^T + b1),
     dr being the gradient of the residual sum x + s net(x)."""
@@ -199,7 +216,7 @@ def _hidden_kernel(
     pre = tl.zeros([BLOCK_ROWS, BLOCK_COLS], tl.float32)
     pre = _accumulate_product(
         pre, x_ptr, rows, row_mask, width, w1_ptr, units, unit_mask, width, 1, width,
-        BLOCK_DEPTH, DOT_PRECISION, UPCAST_DOTS,
+        BLOCK_DEPTH, DOT_PRECISION, UPCAST_DOTS, COMPENSATED,
     )  # fmt: skip
     pre += tl.load(b1_ptr + units, mask=unit_mask, other=0.0).to(tl.float32)[None, :]
     if WITH_GRAD:
@@ -207,7 +224,7 @@ def _hidden_kernel(
         grad_hidden = tl.zeros([BLOCK_ROWS, BLOCK_COLS], tl.float32)
         grad_hidden = _accumulate_product(
             grad_hidden, grad_residual_ptr, rows, row_mask, width, w2_ptr, units, unit_mask, 1, hidden, width,
-            BLOCK_DEPTH, DOT_PRECISION, UPCAST_DOTS,
+            BLOCK_DEPTH, DOT_PRECISION, UPCAST_DOTS, COMPENSATED,
         )  # fmt: skip
         result = grad_hidden * strength * _activation_slope(pre, ACTIVATION)
     else:
@@ -233,6 +250,7 @@ def _projection_kernel(
     BLOCK_DEPTH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOTS: tl.constexpr,
+    COMPENSATED: tl.constexpr,
 ):
     """A tile of K = x Wk^T + h G^T + c."""
     cols = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
@@ -243,11 +261,11 @@ def _projection_kernel(
     acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], tl.float32)
     acc = _accumulate_product(
         acc, x_ptr, rows, row_mask, width, weight_ptr, cols, col_mask, width, 1, width,
-        BLOCK_DEPTH, DOT_PRECISION, UPCAST_DOTS,
+        BLOCK_DEPTH, DOT_PRECISION, UPCAST_DOTS, COMPENSATED,
     )  # fmt: skip
     acc = _accumulate_product(
         acc, hidden_ptr, rows, row_mask, hidden, folded_weight_ptr, cols, col_mask, hidden, 1, hidden,
-        BLOCK_DEPTH, DOT_PRECISION, UPCAST_DOTS,
+        BLOCK_DEPTH, DOT_PRECISION, UPCAST_DOTS, COMPENSATED,
     )  # fmt: skip
     acc += tl.load(folded_bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     offsets = rows.to(tl.int64)[:, None] * out_width + cols[None, :]
@@ -267,6 +285,7 @@ class LaunchConfig(NamedTuple):
     num_stages: int
     dot_precision: str
     upcast_dots: bool
+    compensated: bool  # Kahan-summed reduction steps: float32 CUDA-core dots (see _accumulate_product)
     # Triton 3.9's interpreter truncates float32 to bfloat16 where GPUs round to nearest (its
     # rounding path is wrong when a carry reaches the exponent), doubling the error of every
     # bfloat16 store. Interpreted bfloat16 kernels store float32; torch rounds it.
@@ -277,16 +296,19 @@ class LaunchConfig(NamedTuple):
         """Half precision: 128 x 128 tiles, 64-deep steps, 8 warps, 3 stages (96 KiB of shared
         memory) as in Triton's matmul tutorial; the backward hidden kernel holds two float32
         accumulators (pre and dh), so half the columns. float32 dots run on CUDA cores, whose
-        operands live in registers: 64 x 64 tiles (32 x 64 backward), 16-deep steps.
+        operands live in registers: 64 x 64 tiles (32 x 64 backward), 16-deep steps, summed
+        with compensation (4 additions an element a step, against 16 fused multiply-adds).
+        Tensor cores' float32 accumulation needs none: their error is eager's (H200 runs).
 
         Under the interpreter, whose time goes into per-operation overhead, tiles are 128 x 256
         and steps 256 deep, for every dtype: the same code, masks and loops, a tenth the steps.
         """
         if interpreted:
-            return LaunchConfig(128, 256, 256, 4, 1, "ieee", True, store_float32=dtype == torch.bfloat16)
+            float32 = dtype == torch.float32
+            return LaunchConfig(128, 256, 256, 4, 1, "ieee", True, float32, store_float32=dtype == torch.bfloat16)
         if dtype == torch.float32:
-            return LaunchConfig(64, 32 if backward else 64, 16, 4, 2, "ieee", False)
-        return LaunchConfig(128, 64 if backward else 128, 64, 8, 3, "tf32", False)  # half-precision dots ignore tf32
+            return LaunchConfig(64, 32 if backward else 64, 16, 4, 2, "ieee", False, True)
+        return LaunchConfig(128, 64 if backward else 128, 64, 8, 3, "tf32", False, False)  # half-precision dots ignore tf32
 
     def output(self, like: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
         """An uninitialised (rows, cols) output for a kernel; see :meth:`rounded`."""
@@ -305,8 +327,8 @@ class LaunchConfig(NamedTuple):
         # maxnreg: as in chunk_concat, ptxas otherwise spills rather than use more registers.
         return dict(
             BLOCK_ROWS=self.block_rows, BLOCK_COLS=self.block_cols, BLOCK_DEPTH=self.block_depth,
-            DOT_PRECISION=self.dot_precision, UPCAST_DOTS=self.upcast_dots, num_warps=self.num_warps,
-            num_stages=self.num_stages, maxnreg=255,
+            DOT_PRECISION=self.dot_precision, UPCAST_DOTS=self.upcast_dots, COMPENSATED=self.compensated,
+            num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=255,
         )  # fmt: skip
 
 
