@@ -122,6 +122,7 @@ def assert_as_accurate_as_eager(
     """The kernel's result is finite and within 2x the eager error (plus a floor: the dtype's
     ERROR_FLOOR, or ``floor`` where that is larger) of ``exact``."""
     assert torch.isfinite(exact).all(), f"{what}: the float64 reference is not finite; ill-posed inputs"
+    assert exact.any(), f"{what}: the float64 reference is zero, so no error is relative to it; ill-posed inputs"
     assert torch.isfinite(kernel).all(), f"{what}: the kernel's result has non-finite values"
     kernel_error, eager_error = relative_error(kernel, exact), relative_error(eager, exact)
     floor = max(ERROR_FLOOR[kernel.dtype], floor)

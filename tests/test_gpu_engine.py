@@ -4,8 +4,9 @@ a float32 reference run (TF32 off): the kernel tests' 2x-the-eager-error rule, o
 every hypernetwork gradient and the image.
 
 The tiny preset's U-Net and the real SD 1.x one (random weights) at 512x512, a 3-chunk
-context, a ``[1, 2, 1]`` relu hypernetwork for every width; float16 and bfloat16 under
-autocast with float32 hypernetwork weights (how training runs). Skipped without CUDA; the
+context, a ``[1, 2, 1]`` hypernetwork for every width (gelu for the training step, see
+TRAINING_ACTIVATION; relu for the image); float16 and bfloat16 under autocast with float32
+hypernetwork weights (how training runs). Skipped without CUDA; the
 GPU check's dry run runs the tiny preset on the CPU with the reference on both sides
 (tests/gpu_support.py).
 """
@@ -39,6 +40,13 @@ PROMPT = ", ".join(
 )  # fmt: skip  # 56 tags, 168 tokens: 3 chunks
 NEGATIVE_PROMPT = "lowres, blurry, jpeg artifacts, watermark"
 
+# relu's slope jumps at 0. In half precision every layer's roundings move the hypernetworks'
+# inputs by ~1e-3, so in both half-precision runs many pre-activations near 0 cross it, and a
+# relu net's first-layer gradients measure those crossings, not the kernels (seen on the
+# H200, 2026-11-30: pairs.64.k.net.0.bias at 2.0 times the bound, tiny, bfloat16). A smooth
+# activation keeps the comparison about rounding; the kernel tests prove relu itself.
+TRAINING_ACTIVATION = "gelu"
+
 
 @cache
 def float32_model(preset: str):
@@ -49,13 +57,21 @@ def float32_model(preset: str):
     return model
 
 
-def new_hypernetwork(unet) -> Hypernetwork:
+def new_hypernetwork(unet, activation: str = "relu") -> Hypernetwork:
     config = unet.config
     widths = sorted({*config.block_out_channels, config.cross_attention_dim})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
-        hypernetwork = Hypernetwork(widths, layer_structure=(1, 2, 1), activation="relu", weight_init="XavierNormal")
+        hypernetwork = Hypernetwork(widths, layer_structure=(1, 2, 1), activation=activation, weight_init="XavierNormal")
     return hypernetwork.to(DEVICE)
+
+
+def zero_in_exact_arithmetic(hypernetwork: Hypernetwork) -> set[str]:
+    """The last bias of each key net: it shifts every key of a layer by one vector, which adds
+    the same score to every key of a query, and softmax ignores that. Its gradient is only
+    rounding noise (in the float32 run too), so no error is relative to it (seen on the H200,
+    2026-11-30: pairs.768.k.net.2.bias at 4.1 times the bound, SD 1.x, float16)."""
+    return {f"pairs.{width}.k.net.{len(pair['k'].net) - 1}.bias" for width, pair in hypernetwork.pairs.items()}
 
 
 # The autograd Function of each fused op: counting its calls counts the kernels that ran,
@@ -121,7 +137,7 @@ def unet_step(unet, hypernetwork, dtype: torch.dtype | None, mode: str, inputs: 
 def test_unet_training_step(preset, dtype, monkeypatch, kernel_calls, exact_float32, record_property):
     model = float32_model(preset)
     unet = model.unet
-    hypernetwork = new_hypernetwork(unet).train()
+    hypernetwork = new_hypernetwork(unet, TRAINING_ACTIVATION).train()
     latent_side = unet.config.sample_size if preset == "tiny" else 64  # 512x512
     generator = torch.Generator().manual_seed(2)
     inputs = {
@@ -141,7 +157,13 @@ def test_unet_training_step(preset, dtype, monkeypatch, kernel_calls, exact_floa
     floor = ERROR_FLOOR[dtype]
     loss_errors = [((loss - exact_loss).abs() / exact_loss.abs()).item() for loss in (kernel_loss, eager_loss)]
     shares = {"loss": share_of_bound(*loss_errors, floor)}
+    noise_only = zero_in_exact_arithmetic(hypernetwork)
+    for name in noise_only:  # the reason they are left out, checked on the float32 run
+        weight = name.removesuffix("bias") + "weight"
+        assert exact_grads[name].abs().max() <= 1e-4 * exact_grads[weight].abs().max(), f"{name} is not ~0"
     for name, exact in exact_grads.items():
+        if name in noise_only:
+            continue
         shares[name] = share_of_bound(
             relative_error(kernel_grads[name], exact), relative_error(eager_grads[name], exact), floor
         )
