@@ -77,6 +77,7 @@ def test_dry_run_measures_what_the_gpu_run_does(dry_run):
     attention = next(record for record in kernels if record["op"] == "cross_attention")
     assert {"nai_fast", "eager", "sdpa", "sdpa_math"} <= attention["providers"].keys()
     assert attention["speedup_vs_baseline"] > 0 and attention["baseline"] == "sdpa"
+    assert all(provider["host_ms"] > 0 for provider in attention["providers"].values())
     generation = {record["variant"] for record in records(results, "engine", "generation")}
     assert {"diffusers", "nai_fast", "web UI hypernetwork", "nai_fast hypernetwork (auto)"} <= generation
     assert {record["variant"] for record in records(results, "engine", "training")} >= {"web UI", "nai_fast (auto)"}

@@ -9,7 +9,10 @@
 - ``chunk_concat`` for 1 and 4 images' 3-chunk prompts and negatives (768 wide).
 
 float16; the median of many CUDA-event timings after a warm-up, rotating through input sets
-larger than L2. Each provider's time is also given as TFLOP/s and GB/s of the op's minimal
+larger than L2: what a call costs in eager PyTorch, where the policy weighs the kernels. On
+the GPU also its two parts: the device's time (the calls captured in a CUDA graph and
+replayed) and the host's (the calls issued with no wait); where the eager time is the
+host's, the kernel's speed is in the device time. Each provider's time is also given as TFLOP/s and GB/s of the op's minimal
 work (:mod:`nai_fast.kernels.cost`: each tensor read or written once) and as the fraction of
 the floor on the measured ceilings (:func:`gpu.ceilings.measured_device`). One record per
 op, shape and pass, written as it is measured. The dry run: tiny shapes on the CPU, the
@@ -23,14 +26,14 @@ import importlib.util
 import os
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from gpu.ceilings import measured_device
 from gpu.record import Recorder, run_part
-from gpu.timing import median_ms, rotations_for
+from gpu.timing import graph_ms, host_ms, median_ms, rotations_for
 
 DTYPE = torch.float16
 SIZES = ((512, 512), (512, 768))
@@ -55,6 +58,10 @@ class Settings:
         if dry_run:
             return cls(torch.device("cpu"), warmup=1, repeats=3, rotate=False)
         return cls(torch.device("cuda"), warmup=10, repeats=50, rotate=True)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
 
 
 def nai_fast_op(op_name: str, dry_run: bool) -> Callable:
@@ -148,26 +155,45 @@ def _xformers_attention(q, k, v):
 # -- timing one op at one shape ---------------------------------------------------------------
 
 
+@dataclass
+class Timings:
+    """Per provider, median ms: eager calls (``ms``), and on the GPU the device's and the
+    host's parts; ``errors``: why a provider, or one of its parts, could not be timed."""
+
+    ms: dict[str, float] = field(default_factory=dict)
+    device_ms: dict[str, float] = field(default_factory=dict)
+    host_ms: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+def first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+
+
 def time_providers(
     providers: dict[str, Callable], make_set: Callable[[], tuple], run: Callable, set_bytes: float, settings: Settings
-) -> tuple[dict[str, float], dict[str, str]]:
-    """Median ms of ``run(provider, *input_set)`` per provider, rotating through input sets;
-    and the error of each provider that cannot run here."""
+) -> Timings:
+    """Median ms of ``run(provider, *input_set)`` per provider, rotating through input sets."""
     rotations = rotations_for(set_bytes) if settings.rotate else 1
     sets = [make_set() for _ in range(rotations)]
-    times, errors = {}, {}
+    found = Timings()
     for name, provider in providers.items():
+        call = lambda i, provider=provider: run(provider, *sets[i % rotations])  # noqa: E731
         try:
             with warnings.catch_warnings():  # a backend refusing the inputs warns, then raises
                 warnings.simplefilter("ignore")
-                run(provider, *sets[0])  # compiles, and says whether this backend takes these inputs
-            times[name] = median_ms(
-                lambda i, provider=provider: run(provider, *sets[i % rotations]),
-                settings.device, warmup=settings.warmup, repeats=settings.repeats,
-            )  # fmt: skip
+                call(0)  # compiles, and says whether this backend takes these inputs
+            found.ms[name] = median_ms(call, settings.device, warmup=settings.warmup, repeats=settings.repeats)
         except (RuntimeError, NotImplementedError, ValueError) as error:
-            errors[name] = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-    return times, errors
+            found.errors[name] = first_line(error)
+            continue
+        found.host_ms[name] = host_ms(call, settings.device, repeats=settings.repeats)
+        if settings.on_gpu:
+            try:
+                found.device_ms[name] = graph_ms(call, settings.device, calls=max(rotations, 8), replays=20)
+            except (RuntimeError, NotImplementedError, ValueError) as error:
+                found.errors[f"{name} (CUDA graph)"] = first_line(error)
+    return found
 
 
 def forward_or_both(backward: bool, outputs_of: Callable[..., Any]) -> Callable:
@@ -182,33 +208,41 @@ def forward_or_both(backward: bool, outputs_of: Callable[..., Any]) -> Callable:
     return run
 
 
-def figures(times: dict[str, float], minimal, device) -> dict[str, dict[str, float]]:
-    """Per provider: ms, TFLOP/s and GB/s of the minimal work, the fraction of the floor."""
+def figures(timings: Timings, minimal, device) -> dict[str, dict[str, float]]:
+    """Per provider: ms, its device and host parts, and TFLOP/s, GB/s and fraction of the
+    floor of the minimal work, on the device's time where measured (else the eager time)."""
     floor_ms = minimal.time_floor(device) * 1e3
     found = {}
-    for name, ms in times.items():
-        seconds = ms * 1e-3
+    for name, ms in timings.ms.items():
+        device_ms = timings.device_ms.get(name)
+        seconds = (device_ms or ms) * 1e-3
         found[name] = {
             "ms": ms,
+            "device_ms": device_ms,
+            "host_ms": timings.host_ms.get(name),
             "tflops": (minimal.tensor_flops + minimal.flops) / seconds / 1e12,
             "gbps": minimal.bytes / seconds / 1e9,
-            "floor_fraction": floor_ms / ms,
+            "floor_fraction": floor_ms * 1e-3 / seconds,
             "tensor_fraction": minimal.tensor_flops / seconds / device.tensor_flops,
             "bandwidth_fraction": minimal.bytes / seconds / device.bandwidth,
         }
     return found
 
 
-def record_op(recorder: Recorder, op: str, shape: dict, passes: str, times, errors, minimal, device) -> None:
-    baseline = POLICY_BASELINE[op]
-    others = {name: ms for name, ms in times.items() if name != "nai_fast"}
-    best = min(others, key=others.get) if others else None
+def speedup(times: dict[str, float], baseline: str | None) -> float | None:
     fused = times.get("nai_fast")
+    return times[baseline] / fused if fused and baseline in times else None
+
+
+def record_op(recorder: Recorder, op: str, shape: dict, passes: str, timings: Timings, minimal, device) -> None:
+    baseline = POLICY_BASELINE[op]
+    others = {name: ms for name, ms in timings.ms.items() if name != "nai_fast"}
+    best = min(others, key=others.get) if others else None
     recorder.add(
         kind="kernel", op=op, shape=shape, passes=passes, dtype=str(DTYPE).removeprefix("torch."),
-        providers=figures(times, minimal, device), unavailable=errors, baseline=baseline,
-        speedup_vs_baseline=times[baseline] / fused if fused and baseline in times else None,
-        best_other=best, speedup_vs_best=others[best] / fused if fused and best else None,
+        providers=figures(timings, minimal, device), unavailable=timings.errors, baseline=baseline,
+        speedup_vs_baseline=speedup(timings.ms, baseline), best_other=best, speedup_vs_best=speedup(timings.ms, best),
+        device_speedup_vs_baseline=speedup(timings.device_ms, baseline),
         floor_ms=minimal.time_floor(device) * 1e3,
     )  # fmt: skip
 
@@ -243,8 +277,8 @@ def measure_cross_attention(recorder: Recorder, settings: Settings, device_rates
             ]
             minimal = sum((cost.minimal for cost in costs[1:]), costs[0].minimal)
             with recorder.attempt(what):
-                times, errors = time_providers(providers, make_set, run, costs[0].minimal.bytes, settings)
-                record_op(recorder, "cross_attention", shape, passes, times, errors, minimal, device_rates)
+                timings = time_providers(providers, make_set, run, costs[0].minimal.bytes, settings)
+                record_op(recorder, "cross_attention", shape, passes, timings, minimal, device_rates)
 
 
 def measure_hyper_kv(recorder: Recorder, settings: Settings, device_rates, dry_run: bool) -> None:
@@ -273,8 +307,8 @@ def measure_hyper_kv(recorder: Recorder, settings: Settings, device_rates, dry_r
             ]
             minimal = sum((cost.minimal for cost in costs[1:]), costs[0].minimal)
             with recorder.attempt(what):
-                times, errors = time_providers(providers, make_set, run, costs[0].minimal.bytes, settings)
-                record_op(recorder, "hyper_kv", shape, passes, times, errors, minimal, device_rates)
+                timings = time_providers(providers, make_set, run, costs[0].minimal.bytes, settings)
+                record_op(recorder, "hyper_kv", shape, passes, timings, minimal, device_rates)
 
 
 def measure_chunk_concat(recorder: Recorder, settings: Settings, device_rates, dry_run: bool) -> None:
@@ -310,8 +344,8 @@ def measure_chunk_concat(recorder: Recorder, settings: Settings, device_rates, d
             costs = [chunk_concat_cost(chunks, LENGTH, width, num_rows, backward=b) for b in {False, backward}]
             minimal = sum((cost.minimal for cost in costs[1:]), costs[0].minimal)
             with recorder.attempt(what):
-                times, errors = time_providers(providers, make_set, run, costs[0].minimal.bytes, settings)
-                record_op(recorder, "chunk_concat", shape, passes, times, errors, minimal, device_rates)
+                timings = time_providers(providers, make_set, run, costs[0].minimal.bytes, settings)
+                record_op(recorder, "chunk_concat", shape, passes, timings, minimal, device_rates)
 
 
 def body(recorder: Recorder, arguments) -> None:

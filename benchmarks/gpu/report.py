@@ -173,8 +173,13 @@ def _kernels_md(results: dict) -> list[str]:
         f"## Kernels (float16, median of {'wall-clock (dry run)' if results.get('mode') == 'dry-run' else 'CUDA-event'} "
         "timings; TFLOP/s, GB/s and floor of the minimal work)",
         "",
-        "| op | shape | pass | nai_fast us | baseline us | vs baseline | best other | vs best | TFLOP/s | GB/s | of floor |",
-        "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
+        "eager: a call as eager PyTorch makes it (what the policy weighs); device: the calls replayed in a CUDA "
+        "graph, the device's time alone; host: the host's time to issue a call. TFLOP/s, GB/s and the floor "
+        "on the device time where measured.",
+        "",
+        "| op | shape | pass | eager us: nai_fast | baseline | vs baseline | device us: nai_fast | baseline | vs | "
+        "host us: nai_fast | baseline | best other (eager) | vs best | TFLOP/s | GB/s | of floor |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
         providers = row["providers"]
@@ -185,6 +190,9 @@ def _kernels_md(results: dict) -> list[str]:
         lines.append(
             f"| {row['op']} | {_short_shape(row['shape'])} | {row['passes']} | {_fmt(fused.get('ms'), '.1f', 1e3)} | "
             f"{_fmt(baseline.get('ms'), '.1f', 1e3)} ({row['baseline']}) | {_fmt(row.get('speedup_vs_baseline'))}x | "
+            f"{_fmt(fused.get('device_ms'), '.1f', 1e3)} | {_fmt(baseline.get('device_ms'), '.1f', 1e3)} | "
+            f"{_fmt(row.get('device_speedup_vs_baseline'))}x | {_fmt(fused.get('host_ms'), '.1f', 1e3)} | "
+            f"{_fmt(baseline.get('host_ms'), '.1f', 1e3)} | "
             f"{best or '-'} {_fmt(best_ms, '.1f', 1e3)} | {_fmt(row.get('speedup_vs_best'))}x | "
             f"{_fmt(fused.get('tflops'), '.1f')} | {_fmt(fused.get('gbps'), '.0f')} | {_fmt(fused.get('floor_fraction'), '.0%')} |"
         )

@@ -2,7 +2,8 @@
 
 METHOD.md's rules: warm up first (compilation, caches, handles stay out), then time many
 repeats and take the median; on the GPU, events around each call, one synchronisation at
-the end. Callables take the repeat's index, so they can rotate through input sets larger
+the end. Where the host issues work slower than the device runs it, those events time the
+host: :func:`graph_ms` gives the device's own time, :func:`host_ms` the host's. Callables take the repeat's index, so they can rotate through input sets larger
 than the L2 cache (see :func:`rotations_for`).
 """
 
@@ -49,6 +50,47 @@ def median_ms(fn: Callable[[int], object], device: torch.device | str, *, warmup
         fn(warmup + i)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def host_ms(fn: Callable[[int], object], device: torch.device | str, *, repeats: int) -> float:
+    """Mean milliseconds the host spends issuing ``fn(i)``, the device's queue drained first:
+    Python, dispatch and launches, without waiting for the device (far under the queue's
+    depth of launches, so the device never holds the host back)."""
+    synchronize(device)
+    start = time.perf_counter()
+    for i in range(repeats):
+        fn(i)
+    elapsed = time.perf_counter() - start
+    synchronize(device)
+    return elapsed * 1e3 / repeats
+
+
+def graph_ms(fn: Callable[[int], object], device: torch.device | str, *, calls: int, replays: int) -> float:
+    """Median milliseconds of one ``fn(i)`` on the device alone: ``calls`` calls captured in
+    one CUDA graph, replayed, the replay's time divided by ``calls`` (METHOD.md: a graph
+    removes the launch gaps, so host overhead leaves the figure). CUDA only; the callable
+    must be capturable (no host synchronisation) and already warm."""
+    device = torch.device(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # torch.cuda.graphs' rule: warm up on a side stream
+        for i in range(3):
+            fn(i)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    graph.replay()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
+    for start, end in events:
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize(device)
+    median = statistics.median(start.elapsed_time(end) for start, end in events)
+    del graph
+    return median / calls
 
 
 def wall_seconds(fn: Callable[[], object], device: torch.device | str) -> float:
