@@ -49,8 +49,8 @@ def make_inputs(tokens: int, width: int, device: str, dtype: torch.dtype, requir
     """x, k_weight, v_weight, k_mlp, v_mlp, as hyper_kv takes them; the nets need gradients."""
 
     def normal(*shape: int, scale: float = 1.0, grad: bool = False) -> torch.Tensor:
-        tensor = torch.randn(*shape, device=device, dtype=torch.float32) * scale
-        return tensor.to(dtype).requires_grad_(grad and requires_grad)
+        tensor = torch.randn(*shape, dtype=torch.float32) * scale  # the CPU's generator: see gpu.kernel_speed
+        return tensor.to(device, dtype).requires_grad_(grad and requires_grad)
 
     def mlp() -> MLP:
         hidden = 2 * width

@@ -155,6 +155,13 @@ def _xformers_attention(q, k, v):
 # -- timing one op at one shape ---------------------------------------------------------------
 
 
+def drawn(*shape: int, device: torch.device) -> torch.Tensor:
+    """Standard normal DTYPE values drawn by the CPU's generator: a failed CUDA graph capture
+    leaves the CUDA generator mid-capture, refusing every later draw in the process (seen on
+    the H200, 2026-11-30: chunk_concat's capture failed, then every later shape's inputs)."""
+    return torch.randn(*shape).to(device, DTYPE)
+
+
 @dataclass
 class Timings:
     """Per provider, median ms: eager calls (``ms``), and on the GPU the device's and the
@@ -264,9 +271,7 @@ def measure_cross_attention(recorder: Recorder, settings: Settings, device_rates
 
             def make_set():
                 q, k, v, grad = (
-                    torch.randn(
-                        batch, heads, length, head_dim, device=settings.device, dtype=DTYPE, requires_grad=backward
-                    )
+                    drawn(batch, heads, length, head_dim, device=settings.device).requires_grad_(backward)
                     for length in (query_length, key_length, key_length, query_length)
                 )
                 return (q, k, v), (q, k, v), grad.detach()
@@ -298,7 +303,7 @@ def measure_hyper_kv(recorder: Recorder, settings: Settings, device_rates, dry_r
 
             def make_set():
                 x, k_weight, v_weight, k_mlp, v_mlp = make_inputs(tokens, width, settings.device.type, DTYPE, backward)
-                grads = [torch.randn(tokens, width, device=settings.device, dtype=DTYPE) for _ in "kv"]
+                grads = [drawn(tokens, width, device=settings.device) for _ in "kv"]
                 return (x, k_weight, v_weight, k_mlp, v_mlp), [x, *k_mlp, *v_mlp], grads
 
             run = forward_or_both(backward, lambda provider, inputs: provider(*inputs, HYPERNETWORK_ACTIVATION, 1.0))
@@ -332,11 +337,11 @@ def measure_chunk_concat(recorder: Recorder, settings: Settings, device_rates, d
 
             def make_set():
                 device = settings.device
-                hidden = torch.randn(chunks, LENGTH, width, device=device, dtype=DTYPE, requires_grad=backward)
-                weight = (1 + 0.1 * torch.randn(width, device=device)).to(DTYPE).requires_grad_(backward)
-                bias = (0.3 + 0.1 * torch.randn(width, device=device)).to(DTYPE).requires_grad_(backward)
-                multipliers = torch.rand(chunks, LENGTH, device=device) + 0.5
-                grad = torch.randn(num_rows, width, device=device, dtype=DTYPE)
+                hidden = drawn(chunks, LENGTH, width, device=device).requires_grad_(backward)
+                weight = (1 + 0.1 * drawn(width, device=device)).requires_grad_(backward)
+                bias = (0.3 + 0.1 * drawn(width, device=device)).requires_grad_(backward)
+                multipliers = (torch.rand(chunks, LENGTH) + 0.5).to(device)
+                grad = drawn(num_rows, width, device=device)
                 inputs = (hidden, weight, bias, 1e-5, multipliers, destination, num_rows)
                 return inputs, (hidden, weight, bias), grad
 
@@ -358,6 +363,12 @@ def body(recorder: Recorder, arguments) -> None:
                   vector_flops=device_rates.vector_flops, dtype=str(DTYPE), warmup=settings.warmup,
                   repeats=settings.repeats)  # fmt: skip
     torch.manual_seed(0)
+    if settings.on_gpu:
+        from gpu.launch_probe import launch_host_us
+
+        with recorder.attempt("launch host time"):
+            for launched, host_us in launch_host_us(settings.device).items():
+                recorder.add(kind="launch", launched=launched, host_us=host_us)
     for measure in (measure_cross_attention, measure_hyper_kv, measure_chunk_concat):
         measure(recorder, settings, device_rates, dry_run)
 

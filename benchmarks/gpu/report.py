@@ -196,6 +196,11 @@ def _kernels_md(results: dict) -> list[str]:
             f"{best or '-'} {_fmt(best_ms, '.1f', 1e3)} | {_fmt(row.get('speedup_vs_best'))}x | "
             f"{_fmt(fused.get('tflops'), '.1f')} | {_fmt(fused.get('gbps'), '.0f')} | {_fmt(fused.get('floor_fraction'), '.0%')} |"
         )
+    launches = _records(results, "kernels", "launch")
+    if launches:
+        lines += ["", "Host time of one launch: " + ", ".join(
+            f"{row['launched']} {row['host_us']:.1f} us" for row in launches
+        ) + "."]  # fmt: skip
     return lines
 
 
