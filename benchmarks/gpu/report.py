@@ -287,10 +287,11 @@ def runs_row(results: dict, json_name: str) -> str:
         )
 
     cells = [
-        date(results), f"{gpu.get('name', '?')} ({gpu.get('arch', '?')})",
-        f"{found.get('torch')} / {found.get('triton')} / {found.get('cuda')}", _short_commit(str(results.get("commit", "unknown"))),
+        date(results), f"{gpu['name']} ({gpu.get('arch', '?')})" if gpu else "not recorded (no ceilings part)",
+        f"{found.get('torch')} / {found.get('triton')} / {found.get('cuda')}" if found else "-",
+        _short_commit(str(results.get("commit", "unknown"))),
         _fmt(rates["bandwidth"], ".2f", 1e-12), _fmt(rates["tensor_flops"], ".0f", 1e-12),
-        f"{counts.get('passed', 0)}/{counts.get('failed', 0)}",
+        f"{counts.get('passed', 0)}/{counts.get('failed', 0)}" if "correctness" in results.get("parts", {}) else "-",
         f"{min(speedups):.2f}x-{max(speedups):.2f}x" if speedups else "-",
         pick(generation, "diffusers", "nai_fast", "web UI hypernetwork", "nai_fast hypernetwork (auto)"),
         pick(training, "web UI", "nai_fast (auto)"), f"[{json_name}](gpu/{json_name})",
