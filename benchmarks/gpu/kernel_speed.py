@@ -9,12 +9,12 @@
 - ``chunk_concat`` for 1 and 4 images' 3-chunk prompts and negatives (768 wide).
 
 float16; the median of many CUDA-event timings after a warm-up, rotating through input sets
-larger than L2: what a call costs in eager PyTorch, where the policy weighs the kernels. On
-the GPU also its two parts: the device's time (the calls captured in a CUDA graph and
+larger than L2: what a call costs in eager PyTorch, where the policy weighs the kernels.
+Also its two parts: the device's time (on the GPU: the calls captured in a CUDA graph and
 replayed) and the host's (the calls issued with no wait); where the eager time is the
-host's, the kernel's speed is in the device time. Each provider's time is also given as TFLOP/s and GB/s of the op's minimal
-work (:mod:`nai_fast.kernels.cost`: each tensor read or written once) and as the fraction of
-the floor on the measured ceilings (:func:`gpu.ceilings.measured_device`). One record per
+host's, the kernel's speed is in the device time. Each provider's time is also given as
+TFLOP/s and GB/s of the op's minimal work (:mod:`nai_fast.kernels.cost`: each tensor read
+or written once) and as the fraction of the floor on the measured ceilings (:func:`gpu.ceilings.measured_device`). One record per
 op, shape and pass, written as it is measured. The dry run: tiny shapes on the CPU, the
 eager reference standing in for nai_fast, wall-clock timing.
 """

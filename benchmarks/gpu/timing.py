@@ -3,8 +3,9 @@
 METHOD.md's rules: warm up first (compilation, caches, handles stay out), then time many
 repeats and take the median; on the GPU, events around each call, one synchronisation at
 the end. Where the host issues work slower than the device runs it, those events time the
-host: :func:`graph_ms` gives the device's own time, :func:`host_ms` the host's. Callables take the repeat's index, so they can rotate through input sets larger
-than the L2 cache (see :func:`rotations_for`).
+host: :func:`graph_ms` gives the device's own time, :func:`host_ms` the host's. Callables
+take the repeat's index, so they can rotate through input sets larger than the L2 cache
+(see :func:`rotations_for`).
 """
 
 from __future__ import annotations
