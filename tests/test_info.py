@@ -8,7 +8,7 @@ import torch
 from nai_fast import __version__
 from nai_fast.cli import main
 from nai_fast.info import environment, kernel_costs
-from nai_fast.kernels import ENV_VAR, dispatch_summary
+from nai_fast.kernels import ENV_VAR, dispatch_summary, measured
 from nai_fast.kernels.cost import A100, H100_SXM, cross_attention_cost, hyper_kv_cost
 
 
@@ -32,7 +32,9 @@ def test_dispatch_summary_on_cuda_names_triton(monkeypatch):
     assert set(dispatch_summary(torch.device("cuda")).values()) == {"Triton"}
 
 
-def test_kernel_costs_cover_every_level_op_and_pass():
+def test_kernel_costs_cover_every_level_op_and_pass(monkeypatch):
+    # The cost model's choices: no class measured.
+    monkeypatch.setattr(measured, "table", lambda: measured.MeasuredTable({}, {}))
     rows = kernel_costs(512, 768, chunks=3)
     levels = {row["level"] for row in rows}
     assert levels == {"down 0", "down 1", "down 2", "mid", "up 1", "up 2", "up 3"}
@@ -50,6 +52,14 @@ def test_kernel_costs_cover_every_level_op_and_pass():
     assert not hyper["a100_auto"] and not hyper["h100_auto"], "the deepest level keeps the eager path"
     down_1 = next(row for row in rows if row["op"] == "hyper_kv" and row["level"] == "down 1")
     assert (down_1["a100_auto"], down_1["h100_auto"]) == (False, True), "width 640 pays on H100 only"
+
+
+def test_kernel_costs_follow_the_shipped_measurements():
+    """sm_90 was measured on an H200 (docs/gpu.md): in eager PyTorch hyper_kv lost at width
+    640 there (host time), so auto keeps eager where the cost model predicted a gain."""
+    assert measured.table().measured("sm_90")
+    down_1 = next(row for row in kernel_costs(512, 768, chunks=3) if row["op"] == "hyper_kv" and row["level"] == "down 1")
+    assert not down_1["h100_auto"]
 
 
 def test_cli_prints_both_sizes(capsys):
