@@ -1,7 +1,7 @@
 """What the host spends to launch one kernel, the floor under every eager call's host time.
 
-Trivial Triton kernels (one argument, and the sixteen of a real one: six tensors, six
-integers, four compile-time constants) and one small PyTorch op, each issued many times
+Trivial Triton kernels (one argument, and the sixteen of a real one: six tensors, five
+integers, a float and four compile-time constants) and one small PyTorch op, each issued many times
 without waiting (gpu.timing.host_ms). GPU only: under the interpreter a launch is a
 Python loop, not a launch.
 """
