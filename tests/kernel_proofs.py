@@ -87,9 +87,13 @@ def result_of(job: AsyncResult, seed: int | None = None, timeout: float = 600) -
 # -- numerics -------------------------------------------------------------------------------
 
 # How far a kernel may be from the float64 reference: twice the error of the eager reference
-# run in the same dtype, plus this floor, both relative to the largest exact value. The floor
-# is half an ulp of the half-precision outputs (their last rounding), a few ulp in float32.
-ERROR_FLOOR = {torch.float32: 1e-6, torch.float16: 5e-4, torch.bfloat16: 4e-3}
+# run in the same dtype, plus this floor, both relative to the largest exact value. In half
+# precision the floor is one ulp: two roundings to the dtype, an operand rounded before a
+# product (the probabilities, their gradients) and the result. Eager rounds both as well, but
+# one draw of its error can come out as small as the last rounding alone, and half an ulp
+# failed 1 draw in ~30 of a bfloat16 grad q with a single query row (CI, 2026-11-30).
+# In float32, a few ulp.
+ERROR_FLOOR = {torch.float32: 1e-6, torch.float16: 2**-10, torch.bfloat16: 2**-7}
 
 
 @contextmanager
