@@ -17,10 +17,11 @@ demo: install
 		--cache-latents --overwrite
 	nai-fast demo --output-dir nai-fast-images
 
-# The tests, then every benchmark once on small sizes so the suites never rot. The slowest are
-# listed, to keep the whole well under 15 minutes on 2 cores.
+# The tests, a worker a core (a test file to a worker: its module fixtures run once), then
+# every benchmark once on small sizes so the suites never rot. The slowest are listed, to keep
+# the whole well under 15 minutes on 2 cores.
 test: install
-	$(PYTHON) -m pytest tests --durations=15
+	$(PYTHON) -m pytest tests -n auto --dist loadfile --durations=15
 	$(PYTHON) -m pytest benchmarks --benchmark-disable --durations=5
 
 # Full-size benchmarks, nai_fast and its baselines side by side.

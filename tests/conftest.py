@@ -1,5 +1,5 @@
 """Fixtures shared by the kernel proofs (tests/kernel_proofs.py holds the machinery), the
-`slow` marker, and the --proof-seed option."""
+`slow` marker, the --proof-seed option, and the cores shared among pytest-xdist workers."""
 
 import os
 
@@ -24,6 +24,18 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     kernel_proofs.PINNED_SEED = config.getoption("--proof-seed")
+    _share_the_cores()
+
+
+def _share_the_cores() -> None:
+    """Under pytest-xdist (``make test`` runs a worker a core), each worker and every process
+    it starts get their share of the cores: torch's OpenMP threads spin while they wait, and
+    two workers' pools of threads on the same 2 cores slowed the pretraining test 7-fold."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
