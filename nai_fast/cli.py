@@ -165,7 +165,15 @@ _SIZE_STEP = 64  # nai_fast.engine.generate.SIZE_STEP: sizes are checked before 
 _MAX_SEED = 2**32 - 1  # nai_fast.engine.generate.MAX_SEED
 _SAMPLERS = ("euler_a", "euler", "ddim", "dpmpp_2m_karras")  # nai_fast.engine.generate.SAMPLERS
 # What `generate` takes when neither the command line nor --from-png gives it.
-_GENERATE_DEFAULTS = {"negative_prompt": "", "steps": 28, "sampler": "euler_a", "scale": 11.0, "clip_skip": 2}
+_GENERATE_DEFAULTS = {
+    "negative_prompt": "", "steps": 28, "sampler": "euler_a", "scale": 11.0, "cfg_rescale": 0.0, "clip_skip": 2
+}
+
+
+_CFG_RESCALE_HELP = (
+    "pull the guided prediction back toward the conditional one's spread by this fraction, 0 to 1 (the web UI's "
+    "CFG Rescale; 0.7 is usual for v-prediction models)"
+)
 
 
 def _add_generate(commands: argparse._SubParsersAction) -> None:
@@ -183,8 +191,8 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         "--from-png",
         metavar="FILE",
         help="take every setting from FILE's parameters (a PNG from nai-fast or the web UI): prompt, negative, "
-        "seed, size, steps, sampler, scale, clip skip, model (a preset name), hypernetworks and LoRAs (by name, "
-        "found in --hypernetwork-dir / --lora-dir) and embeddings (by name, in --embeddings-dir); an option "
+        "seed, size, steps, sampler, scale, CFG rescale, clip skip, model (a preset name), hypernetworks and LoRAs "
+        "(by name, found in --hypernetwork-dir / --lora-dir) and embeddings (by name, in --embeddings-dir); an option "
         "given here overrides its setting. An image nai-fast made comes back pixel-identical",
     )
     source = command.add_mutually_exclusive_group()
@@ -257,6 +265,7 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
     command.add_argument("--steps", type=_positive_int, help="sampling steps (default: 28)")
     command.add_argument("--sampler", choices=_SAMPLERS, help="sampler (default: euler_a, NovelAI's)")
     command.add_argument("--scale", type=float, help="classifier-free guidance scale (default: 11)")
+    command.add_argument("--cfg-rescale", type=float, metavar="PHI", help=_CFG_RESCALE_HELP + " (default: 0, off)")
     command.add_argument(
         "--clip-skip", type=_positive_int, help="CLIP layer, from the last; 2 is NovelAI's (default: 2)"
     )
@@ -324,6 +333,14 @@ def _seed_argument(text: str) -> int:
     return value
 
 
+def _check_cfg_rescale(rescale: float, scale: float) -> None:
+    """txt2img's checks of guidance_rescale, as option errors before any model loads."""
+    if not 0 <= rescale <= 1:
+        raise ValueError(f"--cfg-rescale must lie in 0..1, got {rescale:g}")
+    if rescale and scale == 1:
+        raise ValueError("--cfg-rescale rescales guided predictions; at --scale 1 there is no guidance")
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -349,6 +366,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     for name in ("width", "height"):
         if getattr(args, name) is not None:
             _check_side(name, getattr(args, name))
+    _check_cfg_rescale(args.cfg_rescale, args.scale)
     count = args.batch_count * args.batch_size
     if args.seed not in (None, -1) and args.seed + count - 1 > _MAX_SEED:
         raise ValueError(
@@ -420,6 +438,7 @@ def _run_generate(args: argparse.Namespace) -> int:
             height=args.height,
             steps=args.steps,
             guidance_scale=args.scale,
+            guidance_rescale=args.cfg_rescale,
             seed=seed + batch * args.batch_size,
             sampler=args.sampler,
             clip_skip=args.clip_skip,
@@ -477,6 +496,7 @@ def _settings_from_png(args: argparse.Namespace) -> None:
         "height": parameters.height,
         "steps": parameters.steps,
         "scale": parameters.guidance_scale,
+        "cfg_rescale": parameters.guidance_rescale,
         "clip_skip": parameters.clip_skip,
     }
     for name, value in from_png.items():
@@ -672,6 +692,10 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     command.add_argument(
         "--scale", type=float, default=_GENERATE_DEFAULTS["scale"], help="guidance scale (default: generate's, 11)"
     )
+    command.add_argument(
+        "--cfg-rescale", type=float, default=_GENERATE_DEFAULTS["cfg_rescale"], metavar="PHI",
+        help=_CFG_RESCALE_HELP + " (default: generate's, 0)",
+    )  # fmt: skip
     command.add_argument("--images-dir", metavar="DIR", help="also save every image there, with its parameters")
     command.add_argument("--device", help="torch device (default: the GPU if there is one, else cpu)")
     command.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -685,6 +709,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     for width, height in args.size or ():
         _check_side(f"--size {width}x{height}: width", width)
         _check_side(f"--size {width}x{height}: height", height)
+    _check_cfg_rescale(args.cfg_rescale, args.scale)
     import torch
 
     from .demo.fidelity import evaluate, random_scenes, standard_sizes
@@ -708,7 +733,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
         reports[order] = evaluate(
             model, scenes, sizes, shuffled=order == "shuffled", steps=args.steps, guidance_scale=args.scale,
-            progress=sys.stderr.isatty(), on_image=save,
+            guidance_rescale=args.cfg_rescale, progress=sys.stderr.isatty(), on_image=save,
         )
     if args.json:
         print(json.dumps({order: report.as_dict() for order, report in reports.items()}, indent=2))
@@ -716,7 +741,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     name = args.model or f"preset {args.preset}"
     with_networks = "".join(f" + {path}:{strength:g}" for path, strength in args.hypernetwork)
     for order, report in reports.items():
-        print(f"{name}{with_networks}: {args.prompts} prompts, tags {order}, Euler a {args.steps} steps, scale {args.scale:g}")
+        guidance = f"scale {args.scale:g}" + (f", CFG rescale {args.cfg_rescale:g}" if args.cfg_rescale else "")
+        print(f"{name}{with_networks}: {args.prompts} prompts, tags {order}, Euler a {args.steps} steps, {guidance}")
         print(report.table() + "\n")
     return 0
 

@@ -22,6 +22,7 @@ from nai_fast.engine.generate import (
     check_resolution,
     make_sampler,
     no_resolution_warning,
+    rescaled_guidance,
     save_numbered,
     save_png,
     seeded_generators,
@@ -197,6 +198,32 @@ def test_guidance_scale_one_runs_the_conditional_prediction_alone(model):
     assert not np.array_equal(pixels(alone), pixels(guided))
 
 
+def test_guidance_rescale_brings_the_guided_spread_back_toward_the_conditional_ones():
+    guided, cond = 3 * torch.randn(2, 4, 8, 8) + 1, torch.randn(2, 4, 8, 8)
+    matched = rescaled_guidance(guided, cond, 1.0)
+    torch.testing.assert_close(matched.std(dim=(1, 2, 3)), cond.std(dim=(1, 2, 3)))  # per image
+    ratio = cond.std(dim=(1, 2, 3)) / guided.std(dim=(1, 2, 3))
+    torch.testing.assert_close(matched, guided * ratio[:, None, None, None])  # a scaling, not a shift
+    torch.testing.assert_close(rescaled_guidance(guided, cond, 0.7), 0.7 * matched + 0.3 * guided)
+
+
+def test_guidance_rescale_changes_the_image_and_is_written_as_the_web_uis_cfg_rescale(model):
+    (plain,) = txt2img(model, "a cat", guidance_scale=7.0, seed=4, **FAST)
+    (rescaled,) = txt2img(model, "a cat", guidance_scale=7.0, guidance_rescale=0.7, seed=4, **FAST)
+    assert not np.array_equal(pixels(plain), pixels(rescaled))
+    assert "CFG Rescale" not in plain.text and rescaled.text.endswith("Clip skip: 2, CFG Rescale: 0.7")
+    assert GenerationParameters.from_text(rescaled.text) == rescaled.parameters
+
+
+@pytest.mark.parametrize(
+    ("scale", "rescale", "message"),
+    [(7.0, 1.5, "must lie in 0..1"), (7.0, -0.1, "must lie in 0..1"), (1.0, 0.7, "no guidance")],
+)
+def test_a_guidance_rescale_that_cannot_apply_is_an_error(model, scale, rescale, message):
+    with pytest.raises(ValueError, match=message):
+        txt2img(model, "a cat", guidance_scale=scale, guidance_rescale=rescale, **FAST)
+
+
 def test_long_prompts_pad_the_negative_to_the_same_chunk_count(model):
     long_prompt = ", ".join(["a photo of a cat sitting on a red chair"] * 12)  # about 120 tokens: 2 chunks
     with UNetCalls(model.unet) as calls:
@@ -272,6 +299,7 @@ def test_pngs_carry_the_parameters_text_and_never_overwrite(model, tmp_path):
             steps=50,
             sampler="dpmpp_2m_karras",
             guidance_scale=6.25,
+            guidance_rescale=0.7,
             seed=2**32 - 1,
             width=768,
             height=512,
@@ -397,9 +425,8 @@ def test_cli_choices_match_the_library():
     import inspect
 
     defaults = inspect.signature(txt2img).parameters  # the CLI's defaults are txt2img's
-    assert cli._GENERATE_DEFAULTS == {
-        name: defaults["guidance_scale" if name == "scale" else name].default for name in cli._GENERATE_DEFAULTS
-    }
+    names = {"scale": "guidance_scale", "cfg_rescale": "guidance_rescale"}
+    assert cli._GENERATE_DEFAULTS == {name: defaults[names.get(name, name)].default for name in cli._GENERATE_DEFAULTS}
     sampler_option = next(action for action in _generate_parser()._actions if "--sampler" in action.option_strings)
     assert sorted(sampler_option.choices) == sorted(SAMPLERS)
 

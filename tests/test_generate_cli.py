@@ -108,6 +108,18 @@ def test_seeds_outside_the_web_uis_range_are_argument_errors(tmp_path, seed):
     assert "Overflow" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--cfg-rescale", "1.5"], "--cfg-rescale must lie in 0..1, got 1.5"),
+        (["--cfg-rescale", "0.7", "--scale", "1"], "at --scale 1 there is no guidance"),
+    ],
+)
+def test_a_cfg_rescale_that_cannot_apply_is_refused_before_any_model_loads(tmp_path, options, message):
+    assert_refused(generate("--preset", "tiny", *options, cwd=tmp_path), message)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_wrong_model_path_fails_before_any_model_is_built_and_leaves_no_folder(tmp_path):
     result = generate("--model", "nowhere.safetensors", cwd=tmp_path)
     assert_refused(result, "nai-fast generate: error: --model nowhere.safetensors: no such file or folder")

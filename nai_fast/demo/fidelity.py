@@ -157,13 +157,14 @@ def evaluate(
     steps: int = 20,
     sampler: str = "euler_a",
     guidance_scale: float | None = None,
+    guidance_rescale: float = 0.0,
     progress: bool = True,
     on_image=None,
 ) -> FidelityReport:
     """Generate scene ``i`` with seed ``i`` at every size and detect what was drawn.
 
     ``shuffled``: each prompt's tags in an order drawn from the scene's index.
-    ``guidance_scale``: None is txt2img's default. ``on_image(index, size, generated)``, when
+    ``guidance_scale``: None is txt2img's default; ``guidance_rescale``: txt2img's. ``on_image(index, size, generated)``, when
     given, sees every image (to save it, say).
     """
     import inspect
@@ -188,6 +189,7 @@ def evaluate(
             steps=steps,
             sampler=sampler,
             guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
             seed=index,
             progress=False,
         )[0]

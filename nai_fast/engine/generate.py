@@ -4,7 +4,7 @@ Long because txt2img, its samplers and seeds, and the PNG parameters text (which
 must read and write field for field) belong together; the parameters text is the next cut.
 
 :func:`txt2img` ``(model, prompt, *, negative_prompt="", width=None, height=None, steps=28,
-guidance_scale=11.0, seed=0, sampler="euler_a", clip_skip=2, batch_size=1, encoder=None,
+guidance_scale=11.0, guidance_rescale=0.0, seed=0, sampler="euler_a", clip_skip=2, batch_size=1, encoder=None,
 embeddings=None, progress=True) -> list[GeneratedImage]`` generates with a
 :class:`~nai_fast.models.stable_diffusion.StableDiffusion` where it sits (device and dtype):
 
@@ -37,7 +37,11 @@ embeddings=None, progress=True) -> list[GeneratedImage]`` generates with a
   (NovelAI's default), ``euler``, ``ddim``, ``dpmpp_2m_karras``.
 - **Guidance**: a scale of exactly 1 is the conditional prediction alone, so the
   unconditional half is skipped (diffusers skips it for every scale <= 1; here any
-  other scale, below 1 included, is guided).
+  other scale, below 1 included, is guided). ``guidance_rescale`` (0 to 1; diffusers'
+  argument, the web UI's "CFG Rescale", NovelAI's V3 uses it) pulls each guided prediction
+  back toward the conditional one's standard deviation by that fraction
+  (:func:`rescaled_guidance`): a high scale no longer overshoots a v-prediction model's
+  colours into dark rims and shifted hues. Unguided (scale 1), it is an error.
 - **Sizes**: width and height must be multiples of 64 (ValueError); either left out is the
   model's own resolution (:func:`default_side`: 512 for SD 1.x, 128 for the tiny preset).
   A size whose aspect ratio or area lies well outside the model's training buckets (the
@@ -50,7 +54,7 @@ embeddings=None, progress=True) -> list[GeneratedImage]`` generates with a
 Files: :class:`GenerationParameters` writes and parses the web UI's "parameters"
 text (``prompt <hypernet:name:0.8>``, ``Negative prompt: ...``, then ``Steps: 28, Sampler:
 DPM++ 2M, Schedule type: Karras, CFG scale: 11, Seed: 1234, Size: 512x768, Model: name, Clip
-skip: 2, Lora hashes: "style: 0123456789ab"``: the web UI's keys, in its order, a value quoted as
+skip: 2, CFG Rescale: 0.7, Lora hashes: "style: 0123456789ab"``: the web UI's keys, in its order, a value quoted as
 JSON when it holds a comma, colon or newline; applied networks as tags in the prompt). :func:`save_png` stores it as the PNG's
 ``parameters`` text chunk; :func:`save_numbered` names files ``00000-1234.png``
 (index-seed), never overwriting one.
@@ -244,6 +248,15 @@ class GeneratedImage:
         return self.parameters.to_text()
 
 
+def rescaled_guidance(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -> torch.Tensor:
+    """The guided prediction brought back toward the conditional one's standard deviation, per
+    image, by the fraction ``rescale`` (Lin et al. 2023, "Common Diffusion Noise Schedules and
+    Sample Steps are Flawed", section 3.4; diffusers' ``rescale_noise_cfg``)."""
+    dims = list(range(1, guided.ndim))
+    matched = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return rescale * matched + (1 - rescale) * guided
+
+
 def txt2img(
     model: StableDiffusion,
     prompt: str,
@@ -253,6 +266,7 @@ def txt2img(
     height: int | None = None,
     steps: int = 28,
     guidance_scale: float = 11.0,
+    guidance_rescale: float = 0.0,
     seed: int = 0,
     sampler: str = "euler_a",
     clip_skip: int = 2,
@@ -280,6 +294,10 @@ def txt2img(
     seed = check_seed(seed, batch_size)
     if not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+    if not 0 <= guidance_rescale <= 1:
+        raise ValueError(f"guidance_rescale must lie in 0..1, got {guidance_rescale}")
+    if guidance_rescale and guidance_scale == 1:
+        raise ValueError("guidance_rescale rescales guided predictions; at guidance_scale 1 there is no guidance")
     scheduler = make_sampler(sampler, model.scheduler.config)  # fresh: schedulers keep per-run state
     if encoder is None:
         from ..text.encoder import LongPromptEncoder
@@ -319,6 +337,8 @@ def txt2img(
             if guided:
                 uncond_prediction, cond_prediction = prediction.chunk(2)
                 prediction = uncond_prediction + guidance_scale * (cond_prediction - uncond_prediction)
+                if guidance_rescale:
+                    prediction = rescaled_guidance(prediction, cond_prediction, guidance_rescale)
             latents = scheduler.step(prediction, timestep, latents, generator=generators, return_dict=False)[0]
         images = _decode(model.vae, latents)
 
@@ -328,6 +348,7 @@ def txt2img(
         steps=steps,
         sampler=sampler,
         guidance_scale=guidance_scale,
+        guidance_rescale=guidance_rescale,
         width=width,
         height=height,
         model=_model_name(model.source),
@@ -412,6 +433,7 @@ class GenerationParameters:
     steps: int = 28
     sampler: str = "euler_a"
     guidance_scale: float = 11.0
+    guidance_rescale: float = 0.0
     seed: int = 0
     width: int = 512
     height: int = 512
@@ -450,6 +472,7 @@ class GenerationParameters:
             "Model": self.model,
         }
         fields["Clip skip"] = None if self.clip_skip == 1 else self.clip_skip  # the web UI omits the last layer
+        fields["CFG Rescale"] = _number(self.guidance_rescale) if self.guidance_rescale else None  # the extension's key
         fields["Lora hashes"] = ", ".join(f"{name}: {digest}" for name, digest in self.lora_hashes) or None
         fields.update(self.extra)
         line = ", ".join(f"{key}: {_quoted(str(value))}" for key, value in fields.items() if value is not None)
@@ -485,6 +508,7 @@ class GenerationParameters:
             steps=int(fields.pop("Steps", defaults.steps)),
             sampler=sampler or defaults.sampler,
             guidance_scale=float(fields.pop("CFG scale", defaults.guidance_scale)),
+            guidance_rescale=float(fields.pop("CFG Rescale", defaults.guidance_rescale)),
             seed=int(fields.pop("Seed", defaults.seed)),
             width=int(width),
             height=int(height),
