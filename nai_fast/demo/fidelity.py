@@ -164,8 +164,8 @@ def evaluate(
     """Generate scene ``i`` with seed ``i`` at every size and detect what was drawn.
 
     ``shuffled``: each prompt's tags in an order drawn from the scene's index.
-    ``guidance_scale``: None is txt2img's default; ``guidance_rescale``: txt2img's. ``on_image(index, size, generated)``, when
-    given, sees every image (to save it, say).
+    ``guidance_scale``: None is txt2img's default; ``guidance_rescale``: txt2img's.
+    ``on_image(index, size, generated)``, when given, sees every image (to save it, say).
     """
     import inspect
 

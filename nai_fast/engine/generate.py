@@ -4,8 +4,8 @@ Long because txt2img, its samplers and seeds, and the PNG parameters text (which
 must read and write field for field) belong together; the parameters text is the next cut.
 
 :func:`txt2img` ``(model, prompt, *, negative_prompt="", width=None, height=None, steps=28,
-guidance_scale=11.0, guidance_rescale=0.0, seed=0, sampler="euler_a", clip_skip=2, batch_size=1, encoder=None,
-embeddings=None, progress=True) -> list[GeneratedImage]`` generates with a
+guidance_scale=11.0, guidance_rescale=0.0, seed=0, sampler="euler_a", clip_skip=2,
+batch_size=1, encoder=None, embeddings=None, progress=True) -> list[GeneratedImage]`` generates with a
 :class:`~nai_fast.models.stable_diffusion.StableDiffusion` where it sits (device and dtype):
 
     prompt + negative -> LongPromptEncoder (both in one call, equal chunk counts)
@@ -54,10 +54,10 @@ embeddings=None, progress=True) -> list[GeneratedImage]`` generates with a
 Files: :class:`GenerationParameters` writes and parses the web UI's "parameters"
 text (``prompt <hypernet:name:0.8>``, ``Negative prompt: ...``, then ``Steps: 28, Sampler:
 DPM++ 2M, Schedule type: Karras, CFG scale: 11, Seed: 1234, Size: 512x768, Model: name, Clip
-skip: 2, CFG Rescale: 0.7, Lora hashes: "style: 0123456789ab"``: the web UI's keys, in its order, a value quoted as
-JSON when it holds a comma, colon or newline; applied networks as tags in the prompt). :func:`save_png` stores it as the PNG's
-``parameters`` text chunk; :func:`save_numbered` names files ``00000-1234.png``
-(index-seed), never overwriting one.
+skip: 2, CFG Rescale: 0.7, Lora hashes: "style: 0123456789ab"``: the web UI's keys, in its
+order, a value quoted as JSON when it holds a comma, colon or newline; applied networks as tags
+in the prompt). :func:`save_png` stores it as the PNG's ``parameters`` text chunk;
+:func:`save_numbered` names files ``00000-1234.png`` (index-seed), never overwriting one.
 
 :data:`DEFAULT_TRAIN_OUTPUT` (from :mod:`nai_fast.engine.config`) is the training CLI's
 default output folder; a trained hypernetwork is written there as
