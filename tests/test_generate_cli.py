@@ -115,7 +115,7 @@ def test_seeds_outside_the_web_uis_range_are_argument_errors(tmp_path, seed):
         (["--cfg-rescale", "0.7", "--scale", "1"], "at --scale 1 there is no guidance"),
     ],
 )
-def test_a_cfg_rescale_that_cannot_apply_is_refused_before_any_model_loads(tmp_path, options, message):
+def test_a_cfg_rescale_that_cannot_apply_is_refused_and_writes_nothing(tmp_path, options, message):
     assert_refused(generate("--preset", "tiny", *options, cwd=tmp_path), message)
     assert not (tmp_path / "out").exists()
 
