@@ -201,7 +201,7 @@ def _train_vae(model, folders: list[Path], config: PretrainConfig, output: Path)
     optimizer = torch.optim.AdamW(parameters, lr=config.vae_lr, weight_decay=0.0)
     schedule = get_cosine_schedule_with_warmup(optimizer, 50, config.vae_steps)
     losses = []
-    crop = config.vae_crop
+    crop, cell = config.vae_crop, model.vae_scale_factor  # cell: the pixels a latent covers, per side
     with open(output / "vae_log.csv", "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["step", "loss", "mse", "kl", "preview"])
@@ -219,8 +219,7 @@ def _train_vae(model, folders: list[Path], config: PretrainConfig, output: Path)
             reconstruction = vae.decode(latents).sample
             mse = torch.nn.functional.mse_loss(reconstruction, pixels)
             kl = 0.5 * (posterior.mean**2 + posterior.var - 1 - posterior.logvar).mean()
-            scale = pixels.shape[-1] // posterior.mean.shape[-1]
-            preview_mse = torch.nn.functional.mse_loss(preview(posterior.mean), torch.nn.functional.avg_pool2d(pixels, scale))
+            preview_mse = torch.nn.functional.mse_loss(preview(posterior.mean), torch.nn.functional.avg_pool2d(pixels, cell))
             loss = mse + config.vae_kl_weight * kl + config.vae_preview_weight * preview_mse
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
