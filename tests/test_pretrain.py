@@ -96,9 +96,9 @@ def test_a_weights_file_for_other_networks_is_refused(tmp_path):
 
 
 def test_the_shipped_vae_previews_its_colours_linearly():
-    """A 4x3 map fitted on half the scenes takes the shipped VAE's latents of the other half to
-    their 8x8-pixel averages: the code ``_train_vae`` trains for (every colour a direction of its
-    own), which the VAE trained on reconstruction alone lacked (its R^2 here: 0.23)."""
+    """A 4x3 map plus an offset, fitted on half the scenes, takes the shipped VAE's latents of the
+    other half to their 8x8-pixel averages: the code ``_train_vae`` trains for (every colour a
+    direction of its own), which the VAE trained on reconstruction alone lacked (its R^2 here: 0.23)."""
     model = load_model("tiny")
     latents, averages = [], []
     with torch.no_grad():
