@@ -43,6 +43,24 @@ def test_needs_at_least_one_image(tmp_path):
         make_demo_dataset(tmp_path, 0)
 
 
+def test_the_hue_shift_style_draws_the_same_scenes_in_the_shifted_colours(tmp_path):
+    from nai_fast.engine.demo_data import HUE_SHIFT
+
+    plain = make_demo_dataset(tmp_path / "plain", 12, seed=5)
+    shifted = make_demo_dataset(tmp_path / "shifted", 12, seed=5, hue_shift=True)
+    turned = 0
+    for tags_file in sorted(plain.glob("*.txt")):
+        assert (shifted / tags_file.name).read_text() == tags_file.read_text()
+        before = np.asarray(Image.open(tags_file.with_suffix(".png")))
+        after = np.asarray(Image.open(shifted / tags_file.with_suffix(".png").name))
+        colors = {tuple(rgb) for rgb in before.reshape(-1, 3)}
+        for name, rgb in COLORS.items():  # every pixel of one colour is now of its shifted colour
+            if rgb in colors:
+                assert (after[(before == rgb).all(-1)] == COLORS[HUE_SHIFT[name]]).all(), (tags_file.name, name)
+        turned += (before != after).any()
+    assert turned >= 10  # scenes of white and black alone keep their pixels
+
+
 def test_the_outline_style_draws_the_same_scenes_ringed_in_black(tmp_path):
     from nai_fast.engine.demo_data import OUTLINE_COLOR
 

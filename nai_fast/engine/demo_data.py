@@ -4,14 +4,17 @@ Each image is one coloured shape on a plain background, at one of several aspect
 with a ``.txt`` file of tags in the style of tag-trained models:
 ``red circle, large, blue background, top left``. The set is a pure function of its seed.
 
-``outline=True`` draws the same set in a style the base model never sees: a thick black outline
-around every shape (the demo's hypernetwork learns it; the tags stay the same).
+Two styles the base model never sees draw the same scenes with the same tags:
+
+- ``hue_shift=True``: every hue drawn as the next one around the colour wheel (``HUE_SHIFT``), as
+  a hue-rotation filter turns them; white and black stay. The demo's hypernetwork learns it;
+- ``outline=True``: a thick black outline around every shape (the VAE also learns this set).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,7 +23,17 @@ import numpy as np
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["COLORS", "OUTLINE_COLOR", "OUTLINE_WIDTH", "POSITIONS", "SHAPES", "SIZES", "Scene", "make_demo_dataset"]
+__all__ = [
+    "COLORS",
+    "HUE_SHIFT",
+    "OUTLINE_COLOR",
+    "OUTLINE_WIDTH",
+    "POSITIONS",
+    "SHAPES",
+    "SIZES",
+    "Scene",
+    "make_demo_dataset",
+]
 
 COLORS = {
     "red": (220, 40, 40),
@@ -30,6 +43,17 @@ COLORS = {
     "purple": (140, 60, 180),
     "white": (245, 245, 245),
     "black": (20, 20, 20),
+}
+# The hue-shift style: each of the palette's hues, in their order around the colour wheel, drawn as
+# the next one (purple back to red); white and black have no hue to turn.
+HUE_SHIFT = {
+    "red": "yellow",
+    "yellow": "green",
+    "green": "blue",
+    "blue": "purple",
+    "purple": "red",
+    "white": "white",
+    "black": "black",
 }
 SHAPES = ("circle", "square", "triangle")
 # (horizontal, vertical) place of the shape's centre, as fractions of the image's sides
@@ -70,6 +94,10 @@ class Scene:
     def caption(self) -> str:
         return ", ".join(self.tags)
 
+    def hue_shifted(self) -> Scene:
+        """The scene as the hue-shift style draws it (what its tags ask for, in the shifted colours)."""
+        return replace(self, color=HUE_SHIFT[self.color], background=HUE_SHIFT[self.background])
+
     @classmethod
     def draw_random(cls, rng: np.random.Generator) -> Scene:
         shape = SHAPES[rng.integers(len(SHAPES))]
@@ -91,12 +119,17 @@ class Scene:
 
 
 def make_demo_dataset(
-    folder: str | os.PathLike[str], count: int = 64, seed: int = 0, *, outline: bool = False
+    folder: str | os.PathLike[str],
+    count: int = 64,
+    seed: int = 0,
+    *,
+    outline: bool = False,
+    hue_shift: bool = False,
 ) -> Path:
     """Write ``count`` images (``00000.png``...) and their tags (``00000.txt``) into ``folder``.
 
-    The same seed draws the same scenes with and without ``outline``. Files already there
-    with the same names are overwritten; returns the folder.
+    The same seed draws the same scenes, and writes the same tags, in every style. Files already
+    there with the same names are overwritten; returns the folder.
     """
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
@@ -106,7 +139,8 @@ def make_demo_dataset(
     for index in range(count):
         width, height = SIZES[rng.integers(len(SIZES))]
         scene = Scene.draw_random(rng)
-        scene.render(width, height, outline=outline).save(folder / f"{index:05d}.png")
+        drawn = scene.hue_shifted() if hue_shift else scene
+        drawn.render(width, height, outline=outline).save(folder / f"{index:05d}.png")
         (folder / f"{index:05d}.txt").write_text(scene.caption + "\n", encoding="utf-8")
     return folder
 
