@@ -10,11 +10,12 @@ install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH)"
 	$(PYTHON) -m pip install --quiet -e ".[test]"
 
-# Train a hypernetwork on the shipped tiny model with shapes in a style it never saw (a thick black
-# outline), then draw without and with it: a contact sheet, the PNGs, and the style measured.
+# Train a hypernetwork on the shipped tiny model with shapes in a style it never saw (every hue drawn
+# as the next around the colour wheel), then draw without and with it: a contact sheet, the PNGs, and
+# the style measured.
 demo: install
-	nai-fast train --preset tiny --output-dir nai-fast-output --max-steps 300 --batch-size 8 --lr 1e-3 --activation relu --penalty-weight 0 \
-		--cache-latents --overwrite
+	nai-fast train --preset tiny --output-dir nai-fast-output --max-steps 600 --batch-size 8 --lr 3e-3 --caption-dropout 0.2 \
+		--activation relu --penalty-weight 0 --cache-latents --overwrite
 	nai-fast demo --output-dir nai-fast-images
 
 # The tests, a worker a core (a test file to a worker: its module fixtures run once), then

@@ -669,8 +669,8 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
         description="Generate an image for each of N random tag prompts of the demo vocabulary (red circle, large, "
         "blue background, top left), seed i for prompt i, at each size, with Euler a, and judge each with a simple "
         "detector (nai_fast.demo.fidelity): the background colour, the shape's colour and its position; also "
-        "whether the shape has the demo style's black outline. Prints the share right per size, for the tags in "
-        "the order written and shuffled.",
+        "how often the background is in the demo style's shifted hue. Prints the share right per size, for the "
+        "tags in the order written and shuffled.",
     )
     source = command.add_mutually_exclusive_group()
     source.add_argument("--preset", choices=_MODEL_PRESETS, default="tiny", help="a built-in model (default: tiny)")
@@ -751,11 +751,11 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
     command = commands.add_parser(
         "demo",
         help="draw with the tiny model without and with the demo's style hypernetwork, and measure the style",
-        description="The demo's last step, after `nai-fast train --preset tiny` learned the outline style from "
-        "its generated shapes: draws the same prompts with the tiny model without and with that hypernetwork at "
-        "three aspect ratios, writes a contact sheet (row one without, row two with) and every PNG with its "
-        "parameters, and prints how often the black outline shows and how well the prompts are followed, "
-        "without and with it.",
+        description="The demo's last step, after `nai-fast train --preset tiny` learned the hue-shift style "
+        "(every hue drawn as the next around the colour wheel) from its generated shapes: draws the same prompts "
+        "with the tiny model without and with that hypernetwork at three aspect ratios, writes a contact sheet "
+        "(row one without, row two with) and every PNG with its parameters, and prints how often the style "
+        "shows and how well the prompts are followed (with it, as the style draws them), without and with it.",
     )
     command.add_argument(
         "--hypernetwork",

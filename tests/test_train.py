@@ -37,7 +37,7 @@ from nai_fast.engine.train_state import atomic_write, load_state, save_state
 from nai_fast.cli import main
 from nai_fast.hypernetworks.modules import Hypernetwork
 from nai_fast.engine.stop import Aborted
-from nai_fast.engine.train import STATE_FILE, RunExists, TrainConfig, TrainingDiverged, TrainingInterrupted, train
+from nai_fast.engine.train import DEMO_DATA_DIR, STATE_FILE, RunExists, TrainConfig, TrainingDiverged, TrainingInterrupted, train
 
 pytestmark = pytest.mark.slow  # real training runs, several processes
 
@@ -648,7 +648,8 @@ def test_cli_trains_on_the_demo_dataset_and_resumes(tmp_path, capsys):
     out = tmp_path / "run"
     base = ["train", "--preset", "tiny", "--output-dir", str(out), "--resolution", "64", "--batch-size", "2"]
     assert main([*base, "--max-steps", "2"]) == 0
-    assert (out / "demo-data").is_dir() and len(list((out / "demo-data").glob("*.png"))) > 8
+    demo_data = out / DEMO_DATA_DIR
+    assert demo_data.is_dir() and len(list(demo_data.glob("*.png"))) > 8
     assert Hypernetwork.load(out / "hypernetwork.pt").step == 2
     assert Hypernetwork.load(out / "hypernetwork.safetensors").step == 2
     assert main([*base, "--max-steps", "3", "--resume"]) == 0

@@ -5,17 +5,15 @@ background) with nothing learned:
 
 - **background**: the nearest palette colour (``COLORS``) most common among the border pixels;
 - **shape colour**: the nearest palette colour most common among the pixels whose nearest
-  colour is not the background's (the most common, not the mean: blurred edges mix colours).
-  When the shape has an outline, its fill (the pixels not of the outline colour) counts;
-- **position**: the centroid of those pixels, nearest of ``POSITIONS``;
-- **outline**: whether a band around the fill, a few pixels wide, is mostly the outline colour
-  (the demo style's thick black ring; a band and not the shape's outer edge, so blurred edges
-  between fill and ring do not hide it).
+  colour is not the background's (the most common, not the mean: blurred edges mix colours);
+- **position**: the centroid of those pixels, nearest of ``POSITIONS``.
 
 :func:`evaluate` generates one image per prompt and size with :func:`~nai_fast.engine.generate.txt2img`
 (seed ``i`` for prompt ``i``, Euler a, 20 steps, the default guidance) and scores the detections
 against the prompts' scenes; with ``shuffled`` the same scenes' tags come in a random order.
-``nai-fast eval`` prints the :class:`FidelityReport`.
+The :class:`FidelityReport` also counts the demo's style, the hue shift (``HUE_SHIFT``): a
+background drawn in the shifted colour of the one asked for. Images drawn in that style are
+judged against the scenes as the style draws them (``styled``). ``nai-fast eval`` prints it.
 """
 
 from __future__ import annotations
@@ -26,26 +24,31 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..engine.demo_data import COLORS, OUTLINE_COLOR, OUTLINE_WIDTH, POSITIONS, Scene
+from ..engine.demo_data import COLORS, HUE_SHIFT, POSITIONS, Scene
 
 if TYPE_CHECKING:
     from PIL import Image
 
     from ..models.stable_diffusion import StableDiffusion
 
-__all__ = ["ATTRIBUTES", "Detection", "FidelityReport", "detect", "evaluate", "outline_visible", "random_scenes", "standard_sizes"]
+__all__ = [
+    "ATTRIBUTES",
+    "STYLE",
+    "Detection",
+    "FidelityReport",
+    "detect",
+    "evaluate",
+    "hue_shift_visible",
+    "random_scenes",
+    "standard_sizes",
+]
 
 ATTRIBUTES = ("background", "color", "position")
+STYLE = "hue_shift"  # the report's name for the demo style's presence
 _NAMES = list(COLORS)
 _PALETTE = np.array([COLORS[name] for name in _NAMES], dtype=np.float32)
-_OUTLINE = _NAMES.index(next(name for name, rgb in COLORS.items() if rgb == OUTLINE_COLOR))
 # A shape is found when at least this fraction of the pixels differ from the background.
 _MIN_SHAPE_FRACTION = 0.002
-# The band searched for an outline: pixels outside the fill, within this fraction of the shorter side
-# of it (half the demo style's width, so the band lies inside a ring drawn that wide).
-_BAND_FRACTION = OUTLINE_WIDTH / 2
-# An outline: at least this share of that band is the outline colour.
-_OUTLINE_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,6 @@ class Detection:
     background: str
     color: str | None
     position: str | None
-    outline: bool
 
     def matches(self, scene: Scene) -> dict[str, bool]:
         return {attribute: getattr(self, attribute) == getattr(scene, attribute) for attribute in ATTRIBUTES}
@@ -70,31 +72,15 @@ def detect(image: Image.Image | np.ndarray) -> Detection:
     background = _most_common(border)
     shape = nearest != background
     if shape.sum() < _MIN_SHAPE_FRACTION * height * width:
-        return Detection(_NAMES[background], None, None, False)
-    fill = shape & (nearest != _OUTLINE)
-    band = _dilated(fill, max(1, round(_BAND_FRACTION * min(height, width)))) & ~fill
-    outline = (
-        background != _OUTLINE
-        and fill.sum() >= _MIN_SHAPE_FRACTION * height * width  # a lighter fill: not a dark shape's blurred edge
-        and (nearest[band] == _OUTLINE).mean() >= _OUTLINE_SHARE
-    )
-    color = _most_common(nearest[fill] if outline else nearest[shape])
+        return Detection(_NAMES[background], None, None)
     ys, xs = np.nonzero(shape)
     centre = np.array([(xs.mean() + 0.5) / width, (ys.mean() + 0.5) / height])
     position = min(POSITIONS, key=lambda name: float(((np.array(POSITIONS[name]) - centre) ** 2).sum()))
-    return Detection(_NAMES[background], _NAMES[color], position, bool(outline))
+    return Detection(_NAMES[background], _NAMES[_most_common(nearest[shape])], position)
 
 
 def _most_common(values: np.ndarray) -> int:
     return int(np.bincount(values.ravel(), minlength=len(_NAMES)).argmax())
-
-
-def _dilated(mask: np.ndarray, steps: int) -> np.ndarray:
-    """``mask`` grown by ``steps`` pixels (4-neighbour dilation, within the image)."""
-    for _ in range(steps):
-        padded = np.pad(mask, 1, constant_values=False)
-        mask = mask | padded[:-2, 1:-1] | padded[2:, 1:-1] | padded[1:-1, :-2] | padded[1:-1, 2:]
-    return mask
 
 
 def standard_sizes(model: StableDiffusion) -> list[tuple[int, int]]:
@@ -104,9 +90,9 @@ def standard_sizes(model: StableDiffusion) -> list[tuple[int, int]]:
     return [(side, side), (side, side * 3 // 2), (side * 3 // 2, side)]
 
 
-def outline_visible(scene: Scene) -> bool:
-    """A black outline is invisible on a black shape and on a black background."""
-    return OUTLINE_COLOR not in (COLORS[scene.color], COLORS[scene.background])
+def hue_shift_visible(scene: Scene) -> bool:
+    """Whether the hue shift changes the scene's background: white and black have no hue to turn."""
+    return HUE_SHIFT[scene.background] != scene.background
 
 
 def random_scenes(count: int, seed: int = 0) -> list[Scene]:
@@ -117,31 +103,39 @@ def random_scenes(count: int, seed: int = 0) -> list[Scene]:
 
 @dataclass
 class FidelityReport:
-    """Per image: the scene asked for, its size and what was detected; rates as fractions."""
+    """Per image: the scene asked for, its size and what was detected; rates as fractions.
+
+    ``styled``: the images were drawn in the hue-shift style, so each is judged against its scene
+    as the style draws it. The style's own rate (``STYLE``) is the share of backgrounds drawn in
+    the shifted colour, counted where the shift changes the background.
+    """
 
     rows: list[tuple[Scene, tuple[int, int], Detection]] = field(default_factory=list)
+    styled: bool = False
 
     def rate(self, attribute: str, size: tuple[int, int] | None = None) -> float:
         rows = [row for row in self.rows if size is None or row[1] == size]
-        if attribute == "outline":  # counted where a black outline could be seen at all
-            seen = [detection.outline for scene, _, detection in rows if outline_visible(scene)]
+        if attribute == STYLE:
+            seen = [d.background == HUE_SHIFT[scene.background] for scene, _, d in rows if hue_shift_visible(scene)]
             return float(np.mean(seen)) if seen else float("nan")
-        return float(np.mean([detection.matches(scene)[attribute] for scene, _, detection in rows]))
+        wanted = [scene.hue_shifted() if self.styled else scene for scene, _, _ in rows]
+        return float(np.mean([d.matches(scene)[attribute] for scene, (_, _, d) in zip(wanted, rows)]))
 
     def sizes(self) -> list[tuple[int, int]]:
         return list(dict.fromkeys(size for _, size, _ in self.rows))
 
     def as_dict(self) -> dict[str, object]:
-        every = (*ATTRIBUTES, "outline")
+        every = (*ATTRIBUTES, STYLE)
         return {
             "images": len(self.rows),
+            "styled": self.styled,
             **{attribute: self.rate(attribute) for attribute in every},
             "by_size": {f"{w}x{h}": {attribute: self.rate(attribute, (w, h)) for attribute in every} for w, h in self.sizes()},
         }
 
     def table(self) -> str:
-        every = (*ATTRIBUTES, "outline")
-        lines = [f"{'size':>9}  " + "  ".join(f"{attribute:>10}" for attribute in every)]
+        every = (*ATTRIBUTES, STYLE)
+        lines = [f"{'size':>9}  " + "  ".join(f"{attribute.replace('_', ' '):>10}" for attribute in every)]
         for size in [*self.sizes(), None]:
             label = "all" if size is None else f"{size[0]}x{size[1]}"
             lines.append(f"{label:>9}  " + "  ".join(f"{100 * self.rate(a, size):9.1f}%" for a in every))
@@ -154,6 +148,7 @@ def evaluate(
     sizes: Sequence[tuple[int, int]],
     *,
     shuffled: bool = False,
+    styled: bool = False,
     steps: int = 20,
     sampler: str = "euler_a",
     guidance_scale: float | None = None,
@@ -163,7 +158,8 @@ def evaluate(
 ) -> FidelityReport:
     """Generate scene ``i`` with seed ``i`` at every size and detect what was drawn.
 
-    ``shuffled``: each prompt's tags in an order drawn from the scene's index.
+    ``shuffled``: each prompt's tags in an order drawn from the scene's index. ``styled``: judge
+    the images as drawn in the hue-shift style (see :class:`FidelityReport`).
     ``guidance_scale``: None is txt2img's default; ``guidance_rescale``: txt2img's.
     ``on_image(index, size, generated)``, when given, sees every image (to save it, say).
     """
@@ -175,7 +171,7 @@ def evaluate(
 
     if guidance_scale is None:
         guidance_scale = inspect.signature(txt2img).parameters["guidance_scale"].default
-    report = FidelityReport()
+    report = FidelityReport(styled=styled)
     jobs = [(index, scene, size) for index, scene in enumerate(scenes) for size in sizes]
     for index, scene, (width, height) in tqdm(jobs, desc="eval", disable=not progress):
         tags = scene.tags

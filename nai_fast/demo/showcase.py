@@ -1,11 +1,13 @@
 """The demo's last step: the tiny model draws the same prompts without and with the style
-hypernetwork that ``nai-fast train --preset tiny`` learned from the outline-style shapes, and the
-detector says how often the style shows and whether the prompts are still followed.
+hypernetwork that ``nai-fast train --preset tiny`` learned from the hue-shifted shapes (every hue
+drawn as the next around the colour wheel, ``HUE_SHIFT``), and the detector says how often the
+style shows and whether the prompts are still followed.
 
 :func:`showcase` writes one contact sheet (row one without the hypernetwork, row two with it;
 a column per prompt, square, portrait and landscape in turn) and every single PNG with its
-``parameters`` text, then measures on more prompts: the outline's presence without and with
-the hypernetwork, and the fidelity of both (:mod:`nai_fast.demo.fidelity`).
+``parameters`` text, then measures on more prompts: the hue shift's presence without and with
+the hypernetwork, and the fidelity of both (:mod:`nai_fast.demo.fidelity`): without it, to the
+prompts; with it, to the prompts as the style draws them.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .fidelity import FidelityReport, evaluate, random_scenes, standard_sizes
+from .fidelity import STYLE, FidelityReport, evaluate, random_scenes, standard_sizes
 
 __all__ = ["SHEET_FILE", "Showcase", "showcase"]
 
@@ -31,15 +33,16 @@ class Showcase:
 
     def summary(self) -> str:
         lines = [f"contact sheet: {self.sheet}", ""]
-        lines.append(f"{'':>22}  {'outline':>8}  {'background':>10}  {'color':>6}  {'position':>8}")
+        lines.append(f"{'':>22}  {'hue shift':>9}  {'background':>10}  {'color':>6}  {'position':>8}")
         for label, report in (("without hypernetwork", self.without), ("with hypernetwork", self.with_style)):
             lines.append(
-                f"{label:>22}  {100 * report.rate('outline'):7.1f}%  {100 * report.rate('background'):9.1f}%  "
+                f"{label:>22}  {100 * report.rate(STYLE):8.1f}%  {100 * report.rate('background'):9.1f}%  "
                 f"{100 * report.rate('color'):5.1f}%  {100 * report.rate('position'):7.1f}%"
             )
         lines.append(
-            f"({len(self.without.rows)} images each way; the outline counted where it can show: "
-            "no black shape or background)"
+            f"({len(self.without.rows)} images each way; the hue shift counted where it can show, on a background "
+            "with a hue (not white or black); the row with the hypernetwork judged against the prompts as the "
+            "style draws them)"
         )
         return "\n".join(lines)
 
@@ -83,7 +86,7 @@ def showcase(
             save_png(generated.image, output / label / f"{column:05d}-{generated.seed}.png", generated.parameters)
             row.append(generated.image)
         rows.append(row)
-        reports.append(evaluate(model, measured, sizes, steps=steps, progress=progress))
+        reports.append(evaluate(model, measured, sizes, styled=styled, steps=steps, progress=progress))
         if styled:
             remove_hypernetworks(model.unet)
     sheet = output / SHEET_FILE

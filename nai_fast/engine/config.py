@@ -116,8 +116,9 @@ class TrainConfig:
     data: str | None = field(
         default=None,  # None: a demo dataset (tiny preset only)
         metadata=option(
-            "images with .txt tags beside them (default with --preset tiny: the demo's tagged shapes, drawn with a "
-            "thick black outline the tiny model never saw, made once in OUTPUT_DIR/demo-data)",
+            "images with .txt tags beside them (default with --preset tiny: the demo's tagged shapes with every hue "
+            "drawn as the next around the colour wheel, a style the tiny model never saw, made once in "
+            "OUTPUT_DIR/demo-data-hue-shift)",
             metavar="DIR",
         ),
     )

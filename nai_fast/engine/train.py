@@ -124,7 +124,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SAMPLES_DIR = "samples"
-DEMO_DATA_DIR = "demo-data"
+DEMO_DATA_DIR = "demo-data-hue-shift"  # named by its style: a folder in another style is never reused
 
 _NOISE_STREAM = 0x6E6F6973  # "nois": keeps noise seeds apart from other (seed, ...) streams
 
@@ -397,8 +397,8 @@ class _Run:
             from .demo_data import make_demo_dataset
 
             partial = folder.with_name(f".{DEMO_DATA_DIR}.tmp-{os.getpid()}")
-            # In the outline style, which the tiny model never saw: the demo's hypernetwork learns it.
-            make_demo_dataset(partial, count=64, seed=0, outline=True)
+            # In the hue-shift style, which the tiny model never saw: the demo's hypernetwork learns it.
+            make_demo_dataset(partial, count=64, seed=0, hue_shift=True)
             os.replace(partial, folder)
         self.session.barrier()
         return folder
