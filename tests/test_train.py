@@ -33,6 +33,7 @@ from nai_fast.engine import train as train_module
 from nai_fast.engine import train_state
 from nai_fast.engine.config import add_train_options
 from nai_fast.engine.captions import CaptionAugmenter, CaptionPolicy, split_tags
+from nai_fast.engine.demo_data import make_demo_dataset
 from nai_fast.engine.train_state import atomic_write, load_state, save_state
 from nai_fast.cli import main
 from nai_fast.hypernetworks.modules import Hypernetwork
@@ -650,6 +651,8 @@ def test_cli_trains_on_the_demo_dataset_and_resumes(tmp_path, capsys):
     assert main([*base, "--max-steps", "2"]) == 0
     demo_data = out / DEMO_DATA_DIR
     assert demo_data.is_dir() and len(list(demo_data.glob("*.png"))) > 8
+    styled = make_demo_dataset(tmp_path / "styled", 1, seed=0, hue_shift=True)  # the demo's style, the same scenes
+    assert (demo_data / "00000.png").read_bytes() == (styled / "00000.png").read_bytes()
     assert Hypernetwork.load(out / "hypernetwork.pt").step == 2
     assert Hypernetwork.load(out / "hypernetwork.safetensors").step == 2
     assert main([*base, "--max-steps", "3", "--resume"]) == 0
