@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..engine.demo_data import COLORS, HUE_SHIFT, POSITIONS, Scene
+from ..engine.demo_data import COLORS, POSITIONS, Scene
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -92,7 +92,7 @@ def standard_sizes(model: StableDiffusion) -> list[tuple[int, int]]:
 
 def hue_shift_visible(scene: Scene) -> bool:
     """Whether the hue shift changes the scene's background: white and black have no hue to turn."""
-    return HUE_SHIFT[scene.background] != scene.background
+    return scene.hue_shifted().background != scene.background
 
 
 def random_scenes(count: int, seed: int = 0) -> list[Scene]:
@@ -116,7 +116,7 @@ class FidelityReport:
     def rate(self, attribute: str, size: tuple[int, int] | None = None) -> float:
         rows = [row for row in self.rows if size is None or row[1] == size]
         if attribute == STYLE:
-            seen = [d.background == HUE_SHIFT[scene.background] for scene, _, d in rows if hue_shift_visible(scene)]
+            seen = [d.background == scene.hue_shifted().background for scene, _, d in rows if hue_shift_visible(scene)]
             return float(np.mean(seen)) if seen else float("nan")
         wanted = [scene.hue_shifted() if self.styled else scene for scene, _, _ in rows]
         return float(np.mean([d.matches(scene)[attribute] for scene, (_, _, d) in zip(wanted, rows)]))

@@ -33,7 +33,7 @@ class Showcase:
 
     def summary(self) -> str:
         lines = [f"contact sheet: {self.sheet}", ""]
-        lines.append(f"{'':>22}  {'hue shift':>9}  {'background':>10}  {'color':>6}  {'position':>8}")
+        lines.append(f"{'':>22}  {STYLE.replace('_', ' '):>9}  {'background':>10}  {'color':>6}  {'position':>8}")
         for label, report in (("without hypernetwork", self.without), ("with hypernetwork", self.with_style)):
             lines.append(
                 f"{label:>22}  {100 * report.rate(STYLE):8.1f}%  {100 * report.rate('background'):9.1f}%  "
